@@ -1,0 +1,262 @@
+"""Find, read and build models: ``load``, ``load_model`` and ``save_model``.
+
+A model source is a local directory, a local checkpoint file, or a Hugging
+Face repo id (``owner/name``, or ``owner/name/file.pth`` for one file of a
+repository that holds several). The file format is told from the file's
+first bytes, never from its name alone.
+"""
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .io.errors import CheckpointError
+from .models import rwkv7
+
+logger = logging.getLogger(__name__)
+
+# Magic bytes at the start of each checkpoint format.
+ZIP_MAGIC = b"PK\x03\x04"  # PyTorch's zip checkpoint (.pth)
+RWKV_CPP_MAGIC = b"fmgg"  # rwkv.cpp: uint32 0x67676d66 ("ggmf"), little-endian
+GGUF_MAGIC = b"GGUF"
+
+MODEL_FILE_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model"]
+
+
+def detect_format(path: Path) -> str:
+    """Tell the checkpoint format of a path.
+
+    Args:
+        path (Path): A file or a model directory.
+
+    Returns:
+        str: One of ``"directory"``, ``"pth"``, ``"rwkv_cpp"``, ``"gguf"`` or ``"safetensors"``.
+    """
+    if path.is_dir():
+        return "directory"
+    if not path.exists():
+        raise CheckpointError(f"{path}: file not found")
+
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head.startswith(ZIP_MAGIC):
+        return "pth"
+    if head.startswith(RWKV_CPP_MAGIC):
+        return "rwkv_cpp"
+    if head.startswith(GGUF_MAGIC):
+        return "gguf"
+    if len(head) >= 9 and head[8:9] == b"{":
+        return "safetensors"
+    raise CheckpointError(
+        f"{path}: unknown checkpoint format (first bytes {head[:8]!r}); expected a PyTorch .pth, "
+        "an rwkv.cpp .bin, a GGUF file, or a model directory with config.json"
+    )
+
+
+def resolve_source(source: str) -> Path:
+    """Return a local path for a model source, downloading a hub repo if needed.
+
+    Args:
+        source (str): A local path, a Hugging Face repo id, or ``owner/name/file``.
+
+    Returns:
+        Path: The local file or directory.
+    """
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+
+    parts = source.split("/")
+    if source.startswith((".", "/", "~")) or len(parts) < 2 or not all(parts):
+        raise CheckpointError(f"{source}: no such file or directory, and not a Hugging Face repo id (owner/name)")
+
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    repo_id = "/".join(parts[:2])
+    try:
+        if len(parts) > 2:
+            return Path(hf_hub_download(repo_id, "/".join(parts[2:])))
+        return Path(snapshot_download(repo_id, allow_patterns=MODEL_FILE_PATTERNS))
+    except Exception as error:  # huggingface_hub raises many unrelated types
+        raise CheckpointError(
+            f"{source}: not found locally, and downloading it from the Hugging Face hub failed: {error}"
+        ) from error
+
+
+def read_weights(path: Path) -> Tuple[Dict[str, mx.array], Dict[str, Any]]:
+    """Read a checkpoint into canonical RWKV-7 weights and a config.
+
+    Args:
+        path (Path): A file or directory (see ``detect_format``).
+
+    Returns:
+        tuple[dict[str, mx.array], dict]: The weights in the canonical layout
+        and the model config (``ModelArgs`` fields).
+    """
+    from .io import hf, layout7
+
+    fmt = detect_format(path)
+    if fmt == "directory":
+        return hf.load_hf_directory(path)
+
+    if fmt == "pth":
+        from .io import pth
+
+        official = pth.load_pth(path)
+        version = pth.detect_version(official)
+        check_supported_version(version, path)
+        weights = layout7.official_to_canonical(official, str(path))
+    elif fmt == "rwkv_cpp":
+        from .io import rwkv_cpp
+
+        official, info = rwkv_cpp.load_rwkv_cpp(path)
+        check_supported_version(info["version"], path)
+        weights = layout7.official_to_canonical(official, str(path))
+    elif fmt == "gguf":
+        from .io import gguf
+
+        weights = gguf.load_gguf(path)
+    else:
+        weights = dict(mx.load(str(path)))
+        weights = rwkv7.sanitize(weights, str(path))
+
+    return weights, hf.infer_rwkv7_config(weights)
+
+
+def check_supported_version(version: str, path: Path) -> None:
+    """Raise CheckpointError for an RWKV version this package cannot run yet."""
+    if str(version) != "7":
+        raise CheckpointError(
+            f"{path}: this is an RWKV-{version} checkpoint; RWKV-{version} is not supported yet, "
+            "only RWKV-7 (x070) models load"
+        )
+
+
+def build_model(weights: Dict[str, mx.array], config: Dict[str, Any], source: str = "weights") -> nn.Module:
+    """Build a model from canonical weights and a config, checking every tensor.
+
+    Args:
+        weights (dict[str, mx.array]): Canonical weights.
+        config (dict): ``ModelArgs`` fields, plus ``quantization`` if quantized.
+        source (str): Where the weights came from, for error messages.
+
+    Returns:
+        nn.Module: The model, with its weights loaded and evaluated.
+    """
+    args = rwkv7.ModelArgs.from_dict({**config, "model_type": "rwkv7"})
+    model = rwkv7.Model(args)
+
+    quantization = config.get("quantization")
+    if quantization:
+        nn.quantize(
+            model,
+            group_size=quantization["group_size"],
+            bits=quantization["bits"],
+            class_predicate=lambda path, module: f"{path}.scales" in weights,
+        )
+
+    expected = dict(tree_flatten(model.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing:
+        raise CheckpointError(f"{source}: missing tensor '{missing[0]}' ({len(missing)} missing in all)")
+    if unexpected:
+        raise CheckpointError(f"{source}: unexpected tensor '{unexpected[0]}' ({len(unexpected)} unexpected in all)")
+    for name, value in weights.items():
+        if tuple(value.shape) != tuple(expected[name].shape):
+            raise CheckpointError(
+                f"{source}: tensor '{name}' has shape {tuple(value.shape)}, expected {tuple(expected[name].shape)}"
+            )
+
+    model.load_weights(list(weights.items()))
+    mx.eval(model.parameters())
+    model.eval()
+    return model
+
+
+def load_model(source: str, dtype: Optional[mx.Dtype] = None) -> Tuple[nn.Module, Dict[str, Any], Path]:
+    """Load a model without its tokenizer.
+
+    Args:
+        source (str): A directory, a checkpoint file or a Hugging Face repo id.
+        dtype (mx.Dtype, optional): Cast floating-point weights to this type.
+
+    Returns:
+        tuple[nn.Module, dict, Path]: The model, its config and the local path.
+    """
+    path = resolve_source(source)
+    weights, config = read_weights(path)
+    if dtype is not None:
+        weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+    model = build_model(weights, config, str(path))
+    return model, config, path
+
+
+def default_tokenizer_name(path: Path, config: Dict[str, Any]) -> str:
+    """Choose the tokenizer for a model: its own files, else by vocabulary size."""
+    directory = path if path.is_dir() else path.parent
+    if path.is_dir() and (directory / "tokenizer.json").exists():
+        return str(directory)
+    vocab_size = config["vocab_size"]
+    if vocab_size == 256:
+        return "bytes"
+    if vocab_size == 65536:
+        return "world"
+    raise CheckpointError(
+        f"{path}: no tokenizer.json beside the model and no built-in tokenizer for a vocabulary of "
+        f"{vocab_size}; pass one with tokenizer= (\"world\", \"bytes\" or a tokenizer.json path)"
+    )
+
+
+def load(
+    path_or_repo: str,
+    tokenizer: Optional[str] = None,
+    dtype: Optional[mx.Dtype] = None,
+):
+    """Load a model and its tokenizer, as ``mlx_lm.load`` does.
+
+    Args:
+        path_or_repo (str): A model directory, a ``.pth``/``.bin``/``.gguf``
+            checkpoint, or a Hugging Face repo id.
+        tokenizer (str, optional): ``"world"``, ``"bytes"`` or a path to a
+            tokenizer.json; chosen from the model when not given.
+        dtype (mx.Dtype, optional): Cast floating-point weights to this type.
+
+    Returns:
+        tuple[nn.Module, Tokenizer]: The model and its tokenizer.
+    """
+    from .tokenizer import load_tokenizer
+
+    model, config, path = load_model(path_or_repo, dtype=dtype)
+    name = tokenizer or default_tokenizer_name(path, config)
+    return model, load_tokenizer(name)
+
+
+def save_model(directory: Path, model: nn.Module, config: Dict[str, Any], tokenizer=None) -> None:
+    """Write a model directory: config.json, model.safetensors and the tokenizer files.
+
+    The files are written into a temporary directory beside the target and
+    moved into place one by one, so an interrupted save never leaves a
+    half-written file under a final name.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = dict(tree_flatten(model.parameters()))
+
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".saving-") as staging:
+        staging = Path(staging)
+        mx.save_safetensors(str(staging / "model.safetensors"), weights, metadata={"format": "mlx"})
+        with open(staging / "config.json", "w") as f:
+            json.dump({**config, "model_type": "rwkv7"}, f, indent=2, sort_keys=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        for item in staging.iterdir():
+            os.replace(item, directory / item.name)
+    logger.info("saved model to %s", directory)
