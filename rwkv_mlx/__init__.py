@@ -1,5 +1,10 @@
 """Run and fine-tune RWKV language models with MLX."""
 
+from ._blas import use_optimized_blas
+
+use_optimized_blas()  # must run before mlx.core is first imported
+
+
 from .loading import load, load_model, save_model
 
 __version__ = "0.1.0"

@@ -1,0 +1,67 @@
+"""Random-weight RWKV-7 models with value ranges like trained ones, for tests."""
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+
+from rwkv_mlx.models import rwkv7
+
+TINY_CONFIG = dict(
+    model_type="rwkv7",
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=224,
+    norm_eps=1e-5,
+    head_dim=32,
+    num_hidden_layers=2,
+    a_low_rank_dim=8,
+    v_low_rank_dim=8,
+    gate_low_rank_dim=16,
+    decay_low_rank_dim=8,
+)
+
+
+def random_weights(config: dict, seed: int = 0) -> dict:
+    """Return canonical weights whose ranges resemble a trained RWKV-7.
+
+    Decay biases spread from about -7 to 1, so some decays sit within 1e-3
+    of 1, where bfloat16 rounding would make them exactly 1.
+    """
+    rng = np.random.default_rng(seed)
+    model = rwkv7.Model(rwkv7.ModelArgs(**config))
+    C = config["hidden_size"]
+    weights = {}
+    for name, value in tree_flatten(model.parameters()):
+        shape = value.shape
+        if name.endswith(("norm.weight", "g_norm.weight")):
+            w = 1 + 0.1 * rng.standard_normal(shape)
+        elif name.endswith("norm.bias"):
+            w = 0.05 * rng.standard_normal(shape)
+        elif ".x_" in name:
+            w = rng.uniform(0, 1, shape)
+        elif name.endswith("attn.k_k"):
+            w = 0.85 + 0.05 * rng.standard_normal(shape)
+        elif name.endswith("attn.k_a"):
+            w = 1 + 0.05 * rng.standard_normal(shape)
+        elif name.endswith("attn.r_k"):
+            w = 0.3 * rng.standard_normal(shape)
+        elif name.endswith("w_lora.lora.2.bias"):
+            w = np.linspace(-7, 1, C) + 0.1 * rng.standard_normal(shape)
+        elif name.endswith("lora.2.bias"):
+            w = 0.3 * rng.standard_normal(shape)
+        elif name.endswith("embeddings.weight"):
+            w = 0.5 * rng.standard_normal(shape)
+        else:
+            w = rng.standard_normal(shape) / np.sqrt(shape[-1])
+        weights[name] = mx.array(w.astype(np.float32))
+    return weights
+
+
+def random_model(config: dict = None, seed: int = 0, dtype=mx.float32) -> rwkv7.Model:
+    """Build a model with `random_weights`, cast to ``dtype``."""
+    config = config or TINY_CONFIG
+    model = rwkv7.Model(rwkv7.ModelArgs(**config))
+    weights = random_weights(config, seed)
+    model.load_weights([(k, v.astype(dtype)) for k, v in weights.items()])
+    mx.eval(model.parameters())
+    return model
