@@ -155,12 +155,7 @@ def build_model(weights: Dict[str, mx.array], config: Dict[str, Any], source: st
 
     quantization = config.get("quantization")
     if quantization:
-        nn.quantize(
-            model,
-            group_size=quantization["group_size"],
-            bits=quantization["bits"],
-            class_predicate=lambda path, module: f"{path}.scales" in weights,
-        )
+        quantize_like_weights(model, quantization, weights)
 
     expected = dict(tree_flatten(model.parameters()))
     missing = sorted(set(expected) - set(weights))
@@ -179,6 +174,28 @@ def build_model(weights: Dict[str, mx.array], config: Dict[str, Any], source: st
     mx.eval(model.parameters())
     model.eval()
     return model
+
+
+def quantize_like_weights(model: nn.Module, quantization: Dict[str, Any], weights: Dict[str, mx.array]) -> None:
+    """Quantize the layers that have ``.scales`` in ``weights``, as mlx-lm records them.
+
+    ``quantization`` holds the default ``group_size`` and ``bits`` and, keyed by
+    layer path, the settings of layers quantized differently.
+    """
+
+    def predicate(path: str, module: nn.Module):
+        if f"{path}.scales" not in weights or not hasattr(module, "to_quantized"):
+            return False
+        per_layer = quantization.get(path)
+        return per_layer if isinstance(per_layer, dict) else True
+
+    nn.quantize(
+        model,
+        group_size=quantization["group_size"],
+        bits=quantization["bits"],
+        mode=quantization.get("mode", "affine"),
+        class_predicate=predicate,
+    )
 
 
 def load_model(source: str, dtype: Optional[mx.Dtype] = None) -> Tuple[nn.Module, Dict[str, Any], Path]:

@@ -1,0 +1,121 @@
+"""Convert any supported RWKV checkpoint into an MLX model directory.
+
+    python -m rwkv_mlx.convert --model MODEL.pth --mlx-path DIR [-q --q-bits 4]
+
+The directory holds config.json, model.safetensors and the tokenizer files,
+and loads in rwkv_mlx and in stock mlx-lm (``model_type: rwkv7``).
+"""
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+from mlx_lm.utils import dequantize_model, quantize_model
+
+from .io.errors import CheckpointError
+from .loading import default_tokenizer_name, load_model, save_model
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+
+
+def convert(
+    model: str,
+    mlx_path: str = "mlx_model",
+    quantize: bool = False,
+    q_bits: int = 4,
+    q_group_size: int = 64,
+    dtype: Optional[str] = None,
+    dequantize: bool = False,
+    tokenizer: Optional[str] = None,
+) -> Path:
+    """Read a checkpoint and write it as an MLX model directory.
+
+    Args:
+        model (str): A directory, a checkpoint file or a Hugging Face repo id.
+        mlx_path (str): The directory to create; it must not exist yet.
+        quantize (bool): Quantize the linear layers and the embedding.
+        q_bits (int): Bits per weight when quantizing: 4 or 8.
+        q_group_size (int): Weights that share one scale and bias when quantizing.
+        dtype (str, optional): Cast floating-point weights to ``float16``,
+            ``bfloat16`` or ``float32``; the source's types are kept when not given.
+        dequantize (bool): Write a quantized source back at full precision.
+        tokenizer (str, optional): ``"world"``, ``"bytes"`` or a tokenizer.json
+            path; chosen from the model when not given.
+
+    Returns:
+        Path: The directory written.
+    """
+    from .tokenizer import load_tokenizer
+
+    target = Path(mlx_path)
+    if target.exists() and any(target.iterdir()):
+        raise FileExistsError(f"{target} already exists and is not empty; choose another --mlx-path or remove it")
+    if quantize and dequantize:
+        raise ValueError("choose either --quantize or --dequantize, not both")
+    if q_bits not in (4, 8):
+        raise ValueError(f"--q-bits must be 4 or 8, got {q_bits}")
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+
+    loaded, config, path = load_model(model, dtype=DTYPES.get(dtype))
+    config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")} if dequantize else config
+    text_tokenizer = load_tokenizer(tokenizer or default_tokenizer_name(path, config))
+
+    if quantize:
+        if "quantization" in config:
+            raise ValueError(f"{model} is already quantized; convert it with --dequantize first")
+        loaded, config = quantize_model(loaded, config, q_group_size, q_bits)
+    elif dequantize:
+        loaded = dequantize_model(loaded)
+
+    save_model(target, loaded, config, text_tokenizer)
+    return target
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Convert an RWKV checkpoint into an MLX model directory.")
+    parser.add_argument(
+        "--model",
+        "--hf-path",
+        dest="model",
+        required=True,
+        help="A .pth, rwkv.cpp .bin or GGUF file, a model directory, or a Hugging Face repo id.",
+    )
+    parser.add_argument("--mlx-path", default="mlx_model", help="The directory to write (default: mlx_model).")
+    parser.add_argument("-q", "--quantize", action="store_true", help="Quantize the weights.")
+    parser.add_argument("--q-bits", type=int, default=4, help="Bits per weight when quantizing, 4 or 8 (default: 4).")
+    parser.add_argument(
+        "--q-group-size", type=int, default=64, help="Weights per quantization group (default: 64)."
+    )
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="Cast floating-point weights to this type.")
+    parser.add_argument("-d", "--dequantize", action="store_true", help="Write a quantized model at full precision.")
+    parser.add_argument("--tokenizer", help='"world", "bytes" or a tokenizer.json path (default: from the model).')
+    return parser
+
+
+def main(argv=None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        target = convert(
+            args.model,
+            args.mlx_path,
+            quantize=args.quantize,
+            q_bits=args.q_bits,
+            q_group_size=args.q_group_size,
+            dtype=args.dtype,
+            dequantize=args.dequantize,
+            tokenizer=args.tokenizer,
+        )
+    except (CheckpointError, FileExistsError, ValueError) as error:
+        parser.exit(1, f"error: {error}\n")
+    print(f"Saved the MLX model to {target}")
+
+
+if __name__ == "__main__":
+    main()
