@@ -109,6 +109,10 @@ def official_to_canonical(weights: Dict[str, mx.array], source: str) -> Dict[str
 
         low_rank = suffix[len("att.") :] if suffix.startswith("att.") else ""
         if len(low_rank) == 2 and low_rank[0] in _LOW_RANK and low_rank[1] in "012":
+            if low_rank[0] == "v" and parts[1] == "0":
+                # Training code creates the value-residual mix in every layer,
+                # but layer 0 is where the residual comes from and never uses it.
+                continue
             module, has_bias = _LOW_RANK[low_rank[0]]
             role = low_rank[1]
             if role == "0" and has_bias:
