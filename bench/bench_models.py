@@ -1,0 +1,337 @@
+"""Time rwkv_mlx against mlx-lm's rwkv7 and BlinkDL's rwkv package on the same weights.
+
+    python bench/bench_models.py [--formats float32 bfloat16 q4] [--lengths 512 4096]
+                                 [--json results.json]
+
+One random-weight RWKV-7 of the official 0.1B shape (12 layers, 768 wide,
+vocabulary 65536) is made once; every implementation runs it in this process.
+BlinkDL's package (``rwkv`` 0.8.32, ``strategy='cpu fp32'``) is timed only
+where torch and rwkv are installed. For each implementation and weight format
+the table gives:
+
+- prefill tokens/s: the whole prompt in one call, ending in the last
+  position's logits, as a generator needs them;
+- decode: the median milliseconds per token over 128 greedy steps, and tokens/s;
+- a LoRA training step at 512 tokens (rank 8 on every linear layer of every
+  block, forward and backward), in tokens/s;
+- peak memory in MB: MLX's peak allocation for the MLX implementations and
+  the process's peak resident size for the official one;
+- the decode roofline: weight bytes read per token over the machine's read
+  bandwidth (measured here), and the fraction of it each implementation reaches.
+
+Every MLX implementation runs after ``import rwkv_mlx``, so all of them use
+the same BLAS (see rwkv_mlx/_blas.py).
+"""
+
+import argparse
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import rwkv_mlx  # noqa: F401  (loads the optimized BLAS before mlx.core)
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_map
+
+from rwkv_mlx.models import rwkv7
+
+SHAPE_0_1B = dict(
+    model_type="rwkv7",
+    vocab_size=65536,
+    hidden_size=768,
+    intermediate_size=3072,
+    norm_eps=1e-5,
+    head_dim=64,
+    num_hidden_layers=12,
+    a_low_rank_dim=64,
+    v_low_rank_dim=32,
+    gate_low_rank_dim=128,
+    decay_low_rank_dim=64,
+)
+DECODE_STEPS = 128
+TRAIN_LENGTH = 512
+
+
+def random_canonical_weights(config: dict, seed: int = 0) -> dict:
+    """Return float32 numpy weights in the canonical layout, with trained-like ranges."""
+    rng = np.random.default_rng(seed)
+    model = rwkv7.Model(rwkv7.ModelArgs(**config))
+    weights = {}
+    for name, value in tree_flatten(model.parameters()):
+        shape = value.shape
+        if name.endswith("norm.weight"):
+            w = 1 + 0.1 * rng.standard_normal(shape)
+        elif name.endswith("norm.bias"):
+            w = 0.05 * rng.standard_normal(shape)
+        elif ".x_" in name:
+            w = rng.uniform(0, 1, shape)
+        elif name.endswith("attn.k_k"):
+            w = 0.85 + 0.05 * rng.standard_normal(shape)
+        elif name.endswith("attn.k_a"):
+            w = 1 + 0.05 * rng.standard_normal(shape)
+        elif name.endswith("attn.r_k"):
+            w = 0.3 * rng.standard_normal(shape)
+        elif name.endswith("w_lora.lora.2.bias"):
+            w = np.linspace(-7, 1, shape[0])
+        elif name.endswith("lora.2.bias"):
+            w = 0.3 * rng.standard_normal(shape)
+        else:
+            w = rng.standard_normal(shape) / np.sqrt(shape[-1])
+        weights[name] = w.astype(np.float32)
+    return weights
+
+
+def canonical_to_official(weights: dict, config: dict) -> dict:
+    """Invert rwkv_mlx.io.layout7's mapping, for BlinkDL's package."""
+    from rwkv_mlx.io import layout7
+
+    renamed = {v: k for k, v in layout7._RENAMED.items()}
+    top = {v: k for k, v in layout7._TOP_LEVEL.items()}
+    low_rank = {module: letter for letter, (module, _) in layout7._LOW_RANK.items()}
+    C = config["hidden_size"]
+    official = {}
+    for name, value in weights.items():
+        if name in top:
+            official[top[name]] = value
+            continue
+        _, _, layer, rest = name.split(".", 3)
+        prefix = f"blocks.{layer}."
+        if rest in renamed:
+            target = renamed[rest]
+            if target in ("att.k_k", "att.k_a") or target.startswith("att.x_") or target == "ffn.x_k":
+                value = value.reshape(1, 1, C)
+            elif target.startswith("att.ln_x"):
+                value = value.reshape(C)
+            official[prefix + target] = value
+            continue
+        module, _, index, kind = rest.split(".")[1:]
+        letter = low_rank[module]
+        if kind == "bias":
+            official[f"{prefix}att.{letter}0"] = value.reshape(1, 1, C)
+        else:
+            official[f"{prefix}att.{letter}{'1' if index == '0' else '2'}"] = value.T.copy()
+    return official
+
+
+def measure_read_bandwidth() -> float:
+    """Return the machine's memory read bandwidth in bytes/s (sum over 1 GB, best of 3)."""
+    data = np.ones(256 * 1024 * 1024, dtype=np.float32)
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - start)
+    return data.nbytes / best
+
+
+def decode_bytes_per_token(model: nn.Module) -> int:
+    """Bytes of weights one decoded token reads: all but the unused embedding rows."""
+    total = 0
+    for name, value in tree_flatten(model.parameters()):
+        if "embeddings" in name:
+            total += value.nbytes // value.shape[0]
+        else:
+            total += value.nbytes
+    return total
+
+
+class MlxRunner:
+    """Times an MLX model that follows mlx-lm's protocol (rwkv_mlx's or mlx-lm's)."""
+
+    def __init__(self, name: str, model: nn.Module):
+        self.name = name
+        self.model = model
+
+    def prefill(self, ids: np.ndarray) -> float:
+        cache = self.model.make_cache()
+        tokens = mx.array(ids)[None]
+        mx.eval(self.model(tokens[:, :8], cache=self.model.make_cache()))
+
+        start = time.perf_counter()
+        hidden = self.model.model(tokens, cache)
+        logits = self._head(hidden[:, -1:])
+        mx.eval(logits, [c.cache for c in cache])
+        return len(ids) / (time.perf_counter() - start)
+
+    def decode(self, prompt: np.ndarray) -> list:
+        cache = self.model.make_cache()
+        logits = self.model(mx.array(prompt)[None], cache=cache)
+        token = mx.argmax(logits[:, -1], axis=-1, keepdims=True)
+        mx.eval(token)
+        times = []
+        for _ in range(DECODE_STEPS):
+            start = time.perf_counter()
+            logits = self.model(token, cache=cache)
+            token = mx.argmax(logits[:, -1], axis=-1, keepdims=True)
+            mx.eval(token)
+            times.append(time.perf_counter() - start)
+        return times
+
+    def train_step(self, ids: np.ndarray) -> float:
+        from mlx_lm.tuner.utils import linear_to_lora_layers
+
+        model = self.model
+        model.freeze()
+        linear_to_lora_layers(model, len(model.layers), {"rank": 8, "scale": 20.0, "dropout": 0.0})
+        inputs = mx.array(ids[None, :-1])
+        targets = mx.array(ids[None, 1:])
+
+        def loss_fn(model):
+            logits = model(inputs)
+            return nn.losses.cross_entropy(logits.astype(mx.float32), targets).mean()
+
+        value_and_grad = nn.value_and_grad(model, loss_fn)
+        loss, grads = value_and_grad(model)
+        mx.eval(loss, grads)
+        start = time.perf_counter()
+        loss, grads = value_and_grad(model)
+        mx.eval(loss, grads)
+        return (len(ids) - 1) / (time.perf_counter() - start)
+
+    def _head(self, hidden):
+        if getattr(self.model.args, "tie_word_embeddings", False):
+            return self.model.model.embeddings.as_linear(hidden)
+        return self.model.lm_head(hidden)
+
+
+def build_mlx_model(kind: str, weights: dict, config: dict, fmt: str) -> nn.Module:
+    if kind == "rwkv_mlx":
+        model = rwkv7.Model(rwkv7.ModelArgs(**config))
+    else:
+        from mlx_lm.models import rwkv7 as mlx_lm_rwkv7
+
+        model = mlx_lm_rwkv7.Model(mlx_lm_rwkv7.ModelArgs(**config))
+    model.load_weights([(k, mx.array(v)) for k, v in weights.items()])
+    if fmt == "bfloat16":
+        model.update(tree_map(lambda p: p.astype(mx.bfloat16), model.parameters()))
+    elif fmt == "q4":
+        predicate = model.quant_predicate
+
+        def quantize_predicate(path, module):
+            if not hasattr(module, "to_quantized") or module.weight.shape[-1] % 64:
+                return False
+            return predicate(path, module)
+
+        nn.quantize(model, group_size=64, bits=4, class_predicate=quantize_predicate)
+    mx.eval(model.parameters())
+    return model
+
+
+def run_official(weights: dict, config: dict, lengths: list, prompt: np.ndarray, results: list, bandwidth: float):
+    """Time BlinkDL's rwkv package, if torch and rwkv are installed."""
+    os.environ.setdefault("RWKV_V7_ON", "1")
+    os.environ.setdefault("RWKV_JIT_ON", "1")
+    os.environ.setdefault("RWKV_CUDA_ON", "0")
+    try:
+        import torch
+        from rwkv.model import RWKV
+    except ImportError as error:
+        print(f"BlinkDL's rwkv package is not timed: {error}")
+        return
+
+    official = canonical_to_official(weights, config)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "rwkv7-0.1b"
+        torch.save({k: torch.from_numpy(np.ascontiguousarray(v)).to(torch.bfloat16) for k, v in official.items()}, f"{path}.pth")
+        del official
+        model = RWKV(model=str(path), strategy="cpu fp32")
+
+    row = {"implementation": "rwkv (official)", "format": "float32"}
+    with torch.no_grad():
+        for length in lengths:
+            ids = prompt[:length].tolist()
+            model.forward(ids[:8], None)
+            start = time.perf_counter()
+            model.forward(ids, None)
+            row[f"prefill_{length}"] = length / (time.perf_counter() - start)
+
+        logits, state = model.forward(prompt[:16].tolist(), None)
+        token = int(torch.argmax(logits))
+        times = []
+        for _ in range(DECODE_STEPS):
+            start = time.perf_counter()
+            logits, state = model.forward([token], state)
+            token = int(torch.argmax(logits))
+            times.append(time.perf_counter() - start)
+    row["decode_ms"] = 1e3 * statistics.median(times)
+    row["decode_tps"] = 1e3 / row["decode_ms"]
+    row["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # The official package keeps every weight in float32 with this strategy.
+    weight_bytes = 4 * sum(v.size for k, v in weights.items() if "embeddings" not in k)
+    row["roofline_fraction"] = weight_bytes * row["decode_tps"] / bandwidth
+    results.append(row)
+    print_row(row, lengths)
+
+
+def print_row(row: dict, lengths: list) -> None:
+    prefill = "  ".join(f"{row.get(f'prefill_{n}', float('nan')):9.1f}" for n in lengths)
+    print(
+        f"{row['implementation']:16s} {row['format']:9s} {prefill}  {row['decode_ms']:9.1f} {row['decode_tps']:8.1f}"
+        f"  {row.get('train_tps', float('nan')):8.1f}  {row['peak_mb']:8.0f}  {row['roofline_fraction']:6.1%}",
+        flush=True,
+    )
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--formats", nargs="+", default=["float32", "bfloat16", "q4"])
+    parser.add_argument("--lengths", nargs="+", type=int, default=[512, 4096], help="Prefill lengths in tokens.")
+    parser.add_argument("--implementations", nargs="+", default=["rwkv_mlx", "mlx_lm", "official"])
+    parser.add_argument("--no-train", action="store_true", help="Skip the LoRA training step.")
+    parser.add_argument("--json", type=Path, help="Also write the results to this JSON file.")
+    args = parser.parse_args()
+
+    config = SHAPE_0_1B
+    weights = random_canonical_weights(config)
+    prompt = np.random.default_rng(1).integers(0, config["vocab_size"], max(args.lengths + [TRAIN_LENGTH + 1]))
+    bandwidth = measure_read_bandwidth()
+
+    print(f"machine: {platform.machine()} {platform.system()}, {os.cpu_count()} cores, MLX {mx.__version__}")
+    print(f"BLAS for MLX: {rwkv_mlx._blas.loaded_library or 'MLX bundled'}")
+    print(f"read bandwidth: {bandwidth / 1e9:.1f} GB/s")
+    header = "  ".join(f"{f'prefill {n}':>9s}" for n in args.lengths)
+    print(f"{'implementation':16s} {'format':9s} {header}  {'decode ms':>9s} {'tok/s':>8s}  {'train':>8s}  {'peak MB':>8s}  roofline")
+
+    results = []
+    for kind in [k for k in args.implementations if k != "official"]:
+        for fmt in args.formats:
+            model = build_mlx_model(kind, weights, config, fmt)
+            runner = MlxRunner(kind, model)
+            row = {"implementation": kind, "format": fmt}
+            mx.reset_peak_memory()
+            for length in args.lengths:
+                row[f"prefill_{length}"] = runner.prefill(prompt[:length])
+            times = runner.decode(prompt[:16])
+            row["decode_ms"] = 1e3 * statistics.median(times)
+            row["decode_tps"] = 1e3 / row["decode_ms"]
+            row["peak_mb"] = mx.get_peak_memory() / 2**20
+            row["roofline_fraction"] = decode_bytes_per_token(model) * row["decode_tps"] / bandwidth
+            if not args.no_train and fmt != "q4":
+                row["train_tps"] = runner.train_step(prompt[: TRAIN_LENGTH + 1])
+            results.append(row)
+            print_row(row, args.lengths)
+            del model, runner
+            gc.collect()
+
+    if "official" in args.implementations:
+        run_official(weights, config, args.lengths, prompt, results, bandwidth)
+
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"machine": platform.platform(), "cores": os.cpu_count(), "mlx": mx.__version__,
+                "blas": rwkv_mlx._blas.loaded_library, "bandwidth_gbs": bandwidth / 1e9,
+                "date": time.strftime("%Y-%m-%d")}
+        args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
