@@ -122,7 +122,8 @@ def read_weights(path: Path) -> Tuple[Dict[str, mx.array], Dict[str, Any]]:
     elif fmt == "gguf":
         from .io import gguf
 
-        weights = gguf.load_gguf(path)
+        weights, config = gguf.read_gguf(path)
+        return weights, config
     else:
         weights = dict(mx.load(str(path)))
         weights = rwkv7.sanitize(weights, str(path))

@@ -252,6 +252,12 @@ class Rwkv7Model(nn.Module):
         v_first = None
         for layer, layer_cache in zip(self.layers, cache):
             x, v_first = layer(x, v_first, layer_cache, mask)
+
+        # mlx-lm's batched caches count their padding from the start of the
+        # next call, so a padded prompt fed in chunks needs them moved on.
+        for layer_cache in cache:
+            if hasattr(layer_cache, "advance"):
+                layer_cache.advance(inputs.shape[1])
         return self.norm(x)
 
 
