@@ -6,6 +6,7 @@ kernels on a Mac GPU, and the pure-MLX forms everywhere else.
 
 import mlx.core as mx
 
+from . import metal
 from .wkv7 import wkv7_chunked, wkv7_serial, wkv7_step
 
 # Below this many positions the serial loop is at least as fast as the chunked
@@ -26,6 +27,12 @@ def wkv7(r, w, k, v, a, b, state):
         tuple[mx.array, mx.array]: ``y`` [B, T, H, N] and the final state, both float32.
     """
     T = r.shape[1]
+    if metal.metal_available():
+        if T == 1:
+            y, state = metal.wkv7_metal_decode(r[:, 0], w[:, 0], k[:, 0], v[:, 0], a[:, 0], b[:, 0], state)
+            return y[:, None], state
+        return metal.wkv7_metal(r, w, k, v, a, b, state)
+
     if T == 1:
         y, state = wkv7_step(r[:, 0], w[:, 0], k[:, 0], v[:, 0], a[:, 0], b[:, 0], state)
         return y[:, None], state
