@@ -18,7 +18,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .io.errors import CheckpointError
-from .models import rwkv7
+from .models import rwkv4, rwkv5, rwkv6, rwkv7
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +28,15 @@ RWKV_CPP_MAGIC = b"fmgg"  # rwkv.cpp: uint32 0x67676d66 ("ggmf"), little-endian
 GGUF_MAGIC = b"GGUF"
 
 MODEL_FILE_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model"]
+
+# The model module for each config ``model_type``.
+MODEL_MODULES = {"rwkv7": rwkv7, "rwkv6": rwkv6, "rwkv5": rwkv5, "rwkv4": rwkv4}
+# RWKV versions as ``rwkv_mlx.io.pth.detect_version`` names them.
+SUPPORTED_VERSIONS = ("4", "5", "5.1", "5.2", "6", "7")
+# The folder of the GPT-NeoX-20B tokenizer (tokenizer.json and
+# tokenizer_config.json) of RWKV-4 Pile models, chosen by its vocabulary size.
+GPT_NEOX_TOKENIZER = Path(__file__).resolve().parent / "data" / "gpt_neox_20b"
+GPT_NEOX_VOCAB_SIZE = 50277
 
 
 def detect_format(path: Path) -> str:
@@ -91,7 +100,7 @@ def resolve_source(source: str) -> Path:
 
 
 def read_weights(path: Path) -> Tuple[Dict[str, mx.array], Dict[str, Any]]:
-    """Read a checkpoint into canonical RWKV-7 weights and a config.
+    """Read a checkpoint into canonical weights and a config, for any supported RWKV version.
 
     Args:
         path (Path): A file or directory (see ``detect_format``).
@@ -100,11 +109,12 @@ def read_weights(path: Path) -> Tuple[Dict[str, mx.array], Dict[str, Any]]:
         tuple[dict[str, mx.array], dict]: The weights in the canonical layout
         and the model config (``ModelArgs`` fields).
     """
-    from .io import hf, layout7
+    from .io import hf, layout7, layout_older
 
     fmt = detect_format(path)
     if fmt == "directory":
-        return hf.load_hf_directory(path)
+        older = layout_older.read_directory(path)
+        return older if older is not None else hf.load_hf_directory(path)
 
     if fmt == "pth":
         from .io import pth
@@ -112,12 +122,16 @@ def read_weights(path: Path) -> Tuple[Dict[str, mx.array], Dict[str, Any]]:
         official = pth.load_pth(path)
         version = pth.detect_version(official)
         check_supported_version(version, path)
+        if version != "7":
+            return layout_older.read_official(official, version, str(path))
         weights = layout7.official_to_canonical(official, str(path))
     elif fmt == "rwkv_cpp":
         from .io import rwkv_cpp
 
         official, info = rwkv_cpp.load_rwkv_cpp(path)
         check_supported_version(info["version"], path)
+        if info["version"] != "7":
+            return layout_older.read_rwkv_cpp(official, str(path))
         weights = layout7.official_to_canonical(official, str(path))
     elif fmt == "gguf":
         from .io import gguf
@@ -133,10 +147,10 @@ def read_weights(path: Path) -> Tuple[Dict[str, mx.array], Dict[str, Any]]:
 
 def check_supported_version(version: str, path: Path) -> None:
     """Raise CheckpointError for an RWKV version this package cannot run yet."""
-    if str(version) != "7":
+    if str(version) not in SUPPORTED_VERSIONS:
         raise CheckpointError(
-            f"{path}: this is an RWKV-{version} checkpoint; RWKV-{version} is not supported yet, "
-            "only RWKV-7 (x070) models load"
+            f"{path}: this is an RWKV-{version} checkpoint; RWKV-{version} is not supported, "
+            f"only versions {', '.join(SUPPORTED_VERSIONS)}"
         )
 
 
@@ -151,8 +165,12 @@ def build_model(weights: Dict[str, mx.array], config: Dict[str, Any], source: st
     Returns:
         nn.Module: The model, with its weights loaded and evaluated.
     """
-    args = rwkv7.ModelArgs.from_dict({**config, "model_type": "rwkv7"})
-    model = rwkv7.Model(args)
+    model_type = config.get("model_type", "rwkv7")
+    if model_type not in MODEL_MODULES:
+        raise CheckpointError(f"{source}: model_type '{model_type}' is not one of {', '.join(MODEL_MODULES)}")
+    module = MODEL_MODULES[model_type]
+    args = module.ModelArgs.from_dict({**config, "model_type": model_type})
+    model = module.Model(args)
 
     quantization = config.get("quantization")
     if quantization:
@@ -227,6 +245,8 @@ def default_tokenizer_name(path: Path, config: Dict[str, Any]) -> str:
         return "bytes"
     if vocab_size == 65536:
         return "world"
+    if vocab_size == GPT_NEOX_VOCAB_SIZE:
+        return str(GPT_NEOX_TOKENIZER)
     raise CheckpointError(
         f"{path}: no tokenizer.json beside the model and no built-in tokenizer for a vocabulary of "
         f"{vocab_size}; pass one with tokenizer= (\"world\", \"bytes\" or a tokenizer.json path)"
@@ -272,7 +292,7 @@ def save_model(directory: Path, model: nn.Module, config: Dict[str, Any], tokeni
         staging = Path(staging)
         mx.save_safetensors(str(staging / "model.safetensors"), weights, metadata={"format": "mlx"})
         with open(staging / "config.json", "w") as f:
-            json.dump({**config, "model_type": "rwkv7"}, f, indent=2, sort_keys=True)
+            json.dump({"model_type": "rwkv7", **config}, f, indent=2, sort_keys=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         for item in staging.iterdir():
