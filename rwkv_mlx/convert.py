@@ -4,10 +4,19 @@
 
 The directory holds config.json, model.safetensors and the tokenizer files,
 and loads in rwkv_mlx and in stock mlx-lm (``model_type: rwkv7``).
+
+With ``--mlx-lm-model-file`` the directory also contains
+``rwkv_mlx_model.py``, named in config.json's ``model_file``. mlx-lm's tools
+given ``--trust-remote-code`` then run the model with rwkv_mlx's
+implementation (see ``rwkv_mlx.mlx_lm_model``). mlx-lm's loader (0.32.2)
+rejects a config with ``model_file`` when remote code is not trusted, so such
+a directory no longer loads in mlx-lm without that flag.
 """
 
 import argparse
 import logging
+import os
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -21,6 +30,29 @@ logger = logging.getLogger(__name__)
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 
+# The name of the copy of rwkv_mlx/mlx_lm_model.py inside a model directory,
+# and the value of config.json's "model_file" that points mlx-lm's loader to it.
+MODEL_FILE_NAME = "rwkv_mlx_model.py"
+
+
+def write_model_file(directory: Path) -> str:
+    """Copy the mlx-lm ``model_file`` module into a model directory.
+
+    The copy is written under a temporary name and renamed, so the directory
+    never contains a partial file under the final name.
+
+    Args:
+        directory (Path): An existing model directory.
+
+    Returns:
+        str: The file name to record in config.json's ``model_file``.
+    """
+    source = Path(__file__).with_name("mlx_lm_model.py")
+    with tempfile.NamedTemporaryFile(dir=directory, prefix=".saving-", suffix=".py", delete=False) as staging:
+        staging.write(source.read_bytes())
+    os.replace(staging.name, directory / MODEL_FILE_NAME)
+    return MODEL_FILE_NAME
+
 
 def convert(
     model: str,
@@ -31,6 +63,7 @@ def convert(
     dtype: Optional[str] = None,
     dequantize: bool = False,
     tokenizer: Optional[str] = None,
+    mlx_lm_model_file: bool = False,
 ) -> Path:
     """Read a checkpoint and write it as an MLX model directory.
 
@@ -45,6 +78,10 @@ def convert(
         dequantize (bool): Write a quantized source back at full precision.
         tokenizer (str, optional): ``"world"``, ``"bytes"`` or a tokenizer.json
             path; chosen from the model when not given.
+        mlx_lm_model_file (bool): Also write ``rwkv_mlx_model.py`` and name it
+            in config.json's ``model_file``, so that mlx-lm given
+            ``--trust-remote-code`` runs rwkv_mlx's implementation. mlx-lm
+            then rejects the directory without ``--trust-remote-code``.
 
     Returns:
         Path: The directory written.
@@ -72,6 +109,12 @@ def convert(
     elif dequantize:
         loaded = dequantize_model(loaded)
 
+    # The module goes in before config.json names it, so an interrupted save
+    # never leaves a config that points to a missing file.
+    if mlx_lm_model_file:
+        target.mkdir(parents=True, exist_ok=True)
+        config["model_file"] = write_model_file(target)
+
     save_model(target, loaded, config, text_tokenizer)
     return target
 
@@ -94,6 +137,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="Cast floating-point weights to this type.")
     parser.add_argument("-d", "--dequantize", action="store_true", help="Write a quantized model at full precision.")
     parser.add_argument("--tokenizer", help='"world", "bytes" or a tokenizer.json path (default: from the model).')
+    parser.add_argument(
+        "--mlx-lm-model-file",
+        action="store_true",
+        help=(
+            f"Also write {MODEL_FILE_NAME} and name it in config.json's model_file, so that mlx-lm's tools "
+            "run the model with rwkv_mlx's implementation when given --trust-remote-code. mlx-lm then "
+            "rejects the directory without --trust-remote-code, so leave this off for a directory that "
+            "mlx-lm runs with its own rwkv7 implementation (see docs/mlx_lm.md)."
+        ),
+    )
     return parser
 
 
@@ -111,6 +164,7 @@ def main(argv=None) -> None:
             dtype=args.dtype,
             dequantize=args.dequantize,
             tokenizer=args.tokenizer,
+            mlx_lm_model_file=args.mlx_lm_model_file,
         )
     except (CheckpointError, FileExistsError, ValueError) as error:
         parser.exit(1, f"error: {error}\n")
