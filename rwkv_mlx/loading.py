@@ -27,6 +27,9 @@ ZIP_MAGIC = b"PK\x03\x04"  # PyTorch's zip checkpoint (.pth)
 RWKV_CPP_MAGIC = b"fmgg"  # rwkv.cpp: uint32 0x67676d66 ("ggmf"), little-endian
 GGUF_MAGIC = b"GGUF"
 
+# NOTE: "*.bin" is left out, so a hub repo whose weights exist only as
+# pytorch_model*.bin downloads without them, although rwkv_mlx.io.hf_older
+# reads such a directory once it is local.
 MODEL_FILE_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model"]
 
 # The model module for each config ``model_type``.
@@ -109,10 +112,13 @@ def read_weights(path: Path) -> Tuple[Dict[str, mx.array], Dict[str, Any]]:
         tuple[dict[str, mx.array], dict]: The weights in the canonical layout
         and the model config (``ModelArgs`` fields).
     """
-    from .io import hf, layout7, layout_older
+    from .io import hf, hf_older, layout7, layout_older
 
     fmt = detect_format(path)
     if fmt == "directory":
+        # Hugging Face RWKV-4/5/6 layouts and official tensor names (see rwkv_mlx.io.hf_older).
+        if hf_older.is_hf_older_directory(path):
+            return hf_older.load_hf_older_directory(path)
         older = layout_older.read_directory(path)
         return older if older is not None else hf.load_hf_directory(path)
 
@@ -134,8 +140,12 @@ def read_weights(path: Path) -> Tuple[Dict[str, mx.array], Dict[str, Any]]:
             return layout_older.read_rwkv_cpp(official, str(path))
         weights = layout7.official_to_canonical(official, str(path))
     elif fmt == "gguf":
-        from .io import gguf
+        from .io import gguf, gguf_older
 
+        # RWKV-6 files, and the error for architectures no reader takes (see rwkv_mlx.io.gguf_older).
+        older = gguf_older.read_gguf_older(path)
+        if older is not None:
+            return older
         weights, config = gguf.read_gguf(path)
         return weights, config
     else:

@@ -64,9 +64,10 @@ Only RWKV-5.0 and 5.1's ``time_first`` changes value: its exponential is
 the bonus, which 5.2 and 6 store directly. Every other tensor moves
 unchanged up to a reshape.
 
-NOTE: the Hugging Face transformers layouts of RWKV-4 (``RwkvForCausalLM``)
-and of RWKV-5/6, and RWKV-6 GGUF files, would translate into these layouts
-here; they are not read yet.
+The Hugging Face layouts of RWKV-4 (``RwkvForCausalLM``) and RWKV-5/6 are
+read by ``rwkv_mlx.io.hf_older``, which renames their tensors to the
+official names and translates them here. RWKV-6 GGUF files are read by
+``rwkv_mlx.io.gguf_older``.
 """
 
 import re
