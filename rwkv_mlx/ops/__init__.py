@@ -6,7 +6,7 @@ kernels on a Mac GPU, and the pure-MLX forms everywhere else.
 
 import mlx.core as mx
 
-from . import metal
+from . import metal, metal_older
 from .wkv7 import wkv7_chunked, wkv7_serial, wkv7_step
 from .wkv4 import wkv4_chunked, wkv4_serial, wkv4_step
 from .wkv5 import wkv5_chunked, wkv5_serial, wkv5_step
@@ -45,8 +45,6 @@ def wkv7(r, w, k, v, a, b, state):
 
 
 # RWKV-4, 5 and 6 entry points.
-# NOTE: these run the pure-MLX forms on every device; Metal kernels for them
-# would be selected here, as ``rwkv_mlx.ops.metal`` does for RWKV-7.
 
 
 def wkv4(k, v, w, u, state, mask=None):
@@ -63,6 +61,9 @@ def wkv4(k, v, w, u, state, mask=None):
     Returns:
         tuple[mx.array, mx.array]: ``wkv`` [B, T, C] and the final state, both float32.
     """
+    if metal.metal_available():
+        return metal_older.wkv4_metal(k, v, w, u, state, mask)
+
     # On the Linux CPU backend the serial loop is the faster form: 0.13 s
     # against 0.15 s for chunks of 4 and 0.23 s for chunks of 8 (B=1, T=512,
     # C=1024, 2 cores). The chunked form trades L times the work for T/L
@@ -104,6 +105,12 @@ def wkv6(r, w, k, v, u, state):
         tuple[mx.array, mx.array]: ``y`` [B, T, H, N] and the final state, both float32.
     """
     T = r.shape[1]
+    if metal.metal_available():
+        if T == 1:
+            y, state = metal_older.wkv6_metal_decode(r[:, 0], w[:, 0], k[:, 0], v[:, 0], u, state)
+            return y[:, None], state
+        return metal_older.wkv6_metal(r, w, k, v, u, state)
+
     if T == 1:
         y, state = wkv6_step(r[:, 0], w[:, 0], k[:, 0], v[:, 0], u.astype(mx.float32), state)
         return y[:, None], state
