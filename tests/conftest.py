@@ -15,7 +15,7 @@ SHARED_FIXTURES = REPO_ROOT.parent / "shared" / "fixtures"
 RWKV_CPP_TINY = SHARED_FIXTURES / "rwkv-cpp-tiny"
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def rwkv_cpp_tiny() -> Path:
     """The folder of rwkv.cpp's tiny trained models; skips the test where it is absent."""
     if not RWKV_CPP_TINY.is_dir():

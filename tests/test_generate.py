@@ -321,12 +321,8 @@ def tiny_v7(rwkv_cpp_tiny_folder):
 
 
 @pytest.fixture(scope="module")
-def rwkv_cpp_tiny_folder():
-    from conftest import RWKV_CPP_TINY
-
-    if not RWKV_CPP_TINY.is_dir():
-        pytest.skip(f"the tiny rwkv.cpp models are not present at {RWKV_CPP_TINY}")
-    return RWKV_CPP_TINY
+def rwkv_cpp_tiny_folder(rwkv_cpp_tiny):
+    return rwkv_cpp_tiny
 
 
 def test_tiny_v7_first_byte_after_in(tiny_v7, rwkv_cpp_tiny_folder):
