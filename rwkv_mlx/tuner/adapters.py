@@ -1,0 +1,500 @@
+"""Adapter folders: set a model up for a kind of fine-tuning, save, load and fuse.
+
+An adapter folder contains two files, in mlx-lm's format where it has one:
+
+``adapter_config.json``
+    The training options. Loading reads these fields:
+
+    - ``fine_tune_type``: ``lora``, ``dora``, ``full`` or ``state``
+      (``lora`` when absent);
+    - ``num_layers``: how many of the last layers were adapted, -1 for all;
+    - ``lora_parameters`` (LoRA and DoRA): ``rank``, ``scale``, ``dropout``
+      and ``keys``, the module paths inside a layer such as ``attn.r_proj``.
+      Absent or null keys mean every linear layer of the block, as in mlx-lm;
+    - ``base_model_fingerprint``: ``rwkv_mlx.io.state.model_fingerprint`` of
+      the base model.
+
+``adapters.safetensors``
+    Exactly the trained tensors, under their names in the adapted model:
+    ``...lora_a``, ``...lora_b`` (and ``...m`` for DoRA), the unfrozen layers'
+    weights for ``full``, or ``initial_state.layers.<i>.wkv`` [H, N, N] for
+    ``state``. The metadata records ``fine_tune_type``, ``iteration`` and
+    ``base_model_fingerprint``.
+
+Checkpoints saved during training sit beside it as
+``<iteration>_adapters.safetensors`` (seven digits), and the optimizer state
+as ``optimizer.safetensors`` / ``<iteration>_optimizer.safetensors``. Every
+file is written to a temporary name and renamed into place, so an interrupted
+save leaves the previous file intact.
+"""
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from ..io.state import model_fingerprint
+from .lora import DoRALinear, LoRALinear, dense_weight
+from .state import InitialState, StateTunedModel
+
+logger = logging.getLogger(__name__)
+
+FINE_TUNE_TYPES = ("lora", "dora", "full", "state")
+
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_WEIGHTS_FILE = "adapters.safetensors"
+
+# The receptance, key, value and output projections of the time mix and both
+# projections of the channel mix: the large matrices of an RWKV-7 block. The
+# small low-rank matrices (decay, in-context learning rate, value residual,
+# gate) are left alone.
+DEFAULT_LORA_KEYS = ("attn.r_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "ffn.key", "ffn.value")
+
+# mlx-lm's defaults, so a config written by either tool means the same.
+DEFAULT_LORA_PARAMETERS = {"rank": 8, "scale": 20.0, "dropout": 0.0}
+
+ADAPTER_LEAVES = {"lora": ("lora_a", "lora_b"), "dora": ("lora_a", "lora_b", "m")}
+
+
+class AdapterError(ValueError):
+    """An adapter folder or file that cannot be used with this model; the
+    message names the file and the tensor or field."""
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """Return the fingerprint of the base model under any adapters.
+
+    Args:
+        model (nn.Module): A model, with or without adapters.
+
+    Returns:
+        str: ``rwkv_mlx.io.state.model_fingerprint`` of the base model.
+    """
+    if isinstance(model, StateTunedModel):
+        return model_fingerprint(model.base_model)
+    if any(isinstance(m, (LoRALinear, DoRALinear)) for _, m in model.named_modules()):
+        raise ValueError("the model already has LoRA or DoRA layers; take the fingerprint before adding them")
+    return model_fingerprint(model)
+
+
+def _selected_layers(model: nn.Module, num_layers: int) -> List[Tuple[int, nn.Module]]:
+    """Return (index, layer) for the last ``num_layers`` layers (-1: all)."""
+    total = len(model.layers)
+    if num_layers == -1:
+        num_layers = total
+    if not 0 < num_layers <= total:
+        raise ValueError(f"num_layers is {num_layers}, but the model has {total} layers; use 1 to {total}, or -1 for all")
+    return list(enumerate(model.layers))[total - num_layers :]
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, nn.QuantizedLinear))
+
+
+def apply_lora_layers(
+    model: nn.Module, num_layers: int, lora_parameters: Dict[str, Any], use_dora: bool = False
+) -> None:
+    """Replace linear layers of the last ``num_layers`` layers by LoRA or DoRA layers.
+
+    Args:
+        model (nn.Module): The model, changed in place.
+        num_layers (int): How many of the last layers to adapt; -1 for all.
+        lora_parameters (dict): ``rank``, ``scale``, ``dropout`` and optional
+            ``keys``: module paths inside a layer (``attn.r_proj``) or, when
+            not found in a layer, inside the model (``lm_head``). Without
+            ``keys`` every linear layer of the adapted blocks is adapted.
+        use_dora (bool): Make DoRA layers instead of LoRA layers.
+    """
+    for name in ("rank", "scale"):
+        if name not in lora_parameters:
+            raise KeyError(f"lora_parameters has no '{name}' (mlx-lm's name for the LoRA {name})")
+    layer_class = DoRALinear if use_dora else LoRALinear
+    options = dict(
+        rank=int(lora_parameters["rank"]),
+        scale=float(lora_parameters["scale"]),
+        dropout=float(lora_parameters.get("dropout", 0.0)),
+    )
+    keys = lora_parameters.get("keys")
+    layers = _selected_layers(model, num_layers)
+
+    def convert(path: str, module: nn.Module) -> nn.Module:
+        if not _is_linear(module):
+            raise ValueError(
+                f"cannot put a {'DoRA' if use_dora else 'LoRA'} adapter on '{path}': it is a "
+                f"{type(module).__name__}, and only linear layers can be adapted"
+            )
+        return layer_class.from_base(module, **options)
+
+    if keys is None:
+        for _, layer in layers:
+            found = [(path, convert(path, m)) for path, m in layer.named_modules() if path and _is_linear(m)]
+            layer.update_modules(tree_unflatten(found))
+        return
+
+    missing = []
+    for key in keys:
+        # A key may be absent from some layers (layer 0 has no value
+        # residual), as in mlx-lm.
+        in_layers = [(layer, dict(layer.named_modules()).get(key)) for _, layer in layers]
+        in_layers = [(layer, module) for layer, module in in_layers if module is not None]
+        for layer, module in in_layers:
+            layer.update_modules(tree_unflatten([(key, convert(key, module))]))
+        if in_layers:
+            continue
+        module = dict(model.named_modules()).get(key)
+        if module is None:
+            missing.append(key)
+            continue
+        model.update_modules(tree_unflatten([(key, convert(key, module))]))
+
+    if missing:
+        available = sorted(path for path, m in model.layers[-1].named_modules() if path and _is_linear(m))
+        raise ValueError(f"no module {missing} in the model's layers; the linear layers of a block are {available}")
+
+
+def prepare_for_training(
+    model: nn.Module,
+    fine_tune_type: str,
+    num_layers: int = -1,
+    lora_parameters: Optional[Dict[str, Any]] = None,
+) -> nn.Module:
+    """Freeze a model except what ``fine_tune_type`` trains.
+
+    Args:
+        model (nn.Module): The base model; changed in place for lora, dora and full.
+        fine_tune_type (str): ``lora`` or ``dora`` (adapters on linear
+            layers), ``full`` (every weight of the last ``num_layers``
+            layers) or ``state`` (the initial WKV state of the last
+            ``num_layers`` layers).
+        num_layers (int): How many of the last layers to train; -1 for all.
+        lora_parameters (dict, optional): For lora and dora, see
+            ``apply_lora_layers``; ``keys`` defaults to ``DEFAULT_LORA_KEYS``.
+
+    Returns:
+        nn.Module: The model to train: the same object, or a
+        ``StateTunedModel`` around it for state tuning.
+    """
+    if fine_tune_type not in FINE_TUNE_TYPES:
+        raise ValueError(f"unknown fine-tune type {fine_tune_type!r}; expected one of {', '.join(FINE_TUNE_TYPES)}")
+    selected = _selected_layers(model, num_layers)
+    model.freeze()
+
+    if fine_tune_type in ("lora", "dora"):
+        parameters = {**DEFAULT_LORA_PARAMETERS, **(lora_parameters or {})}
+        if parameters.get("keys") is None:
+            parameters["keys"] = list(DEFAULT_LORA_KEYS)
+        apply_lora_layers(model, num_layers, parameters, use_dora=fine_tune_type == "dora")
+    elif fine_tune_type == "full":
+        for _, layer in selected:
+            layer.unfreeze()
+    else:
+        model = StateTunedModel(model)
+        chosen = {index for index, _ in selected}
+        for index, layer_state in enumerate(model.initial_state.layers):
+            if index not in chosen:
+                layer_state.freeze()
+    return model
+
+
+def trainable_weights(model: nn.Module) -> Dict[str, mx.array]:
+    """Return the trainable parameters by their names in the model."""
+    return dict(tree_flatten(model.trainable_parameters()))
+
+
+def write_atomically(path: Path, write) -> None:
+    """Call ``write(file)`` on a temporary file beside ``path``, then rename it to ``path``."""
+    path = Path(path)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    try:
+        with os.fdopen(handle, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def save_safetensors(path: Path, arrays: Dict[str, mx.array], metadata: Optional[Dict[str, str]] = None) -> None:
+    """Write arrays to a safetensors file atomically."""
+    mx.eval(arrays)
+    write_atomically(path, lambda f: mx.save_safetensors(f, arrays, metadata={k: str(v) for k, v in (metadata or {}).items()}))
+
+
+def save_adapter_weights(path: Path, model: nn.Module, metadata: Optional[Dict[str, Any]] = None) -> None:
+    """Save the model's trainable parameters to ``path``, atomically.
+
+    Args:
+        path (Path): The safetensors file.
+        model (nn.Module): The model being trained.
+        metadata (dict, optional): String metadata to store in the file.
+    """
+    save_safetensors(path, trainable_weights(model), metadata)
+
+
+def save_adapter_config(adapter_path: Path, config: Dict[str, Any]) -> None:
+    """Write ``adapter_config.json`` into the adapter folder, atomically."""
+    adapter_path = Path(adapter_path)
+    adapter_path.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(dict(sorted(config.items())), indent=4, default=str) + "\n"
+    write_atomically(adapter_path / ADAPTER_CONFIG_FILE, lambda f: f.write(text.encode()))
+
+
+def read_adapter_config(adapter_path: Path) -> Dict[str, Any]:
+    """Read and check ``adapter_config.json`` of an adapter folder.
+
+    Args:
+        adapter_path (Path): The adapter folder.
+
+    Returns:
+        dict: The config, with ``fine_tune_type`` always present.
+    """
+    adapter_path = Path(adapter_path)
+    if not adapter_path.is_dir():
+        raise AdapterError(f"{adapter_path}: adapter folder not found")
+    config_file = adapter_path / ADAPTER_CONFIG_FILE
+    if not config_file.is_file():
+        raise AdapterError(
+            f"{config_file}: not found; an adapter folder contains {ADAPTER_CONFIG_FILE} and {ADAPTER_WEIGHTS_FILE}"
+        )
+    try:
+        config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise AdapterError(f"{config_file}: invalid JSON ({error})") from error
+    if not isinstance(config, dict):
+        raise AdapterError(f"{config_file}: expected a JSON object, found {type(config).__name__}")
+
+    config.setdefault("fine_tune_type", "lora")
+    if config["fine_tune_type"] not in FINE_TUNE_TYPES:
+        raise AdapterError(
+            f"{config_file}: unknown fine_tune_type {config['fine_tune_type']!r}; expected one of {', '.join(FINE_TUNE_TYPES)}"
+        )
+    config.setdefault("num_layers", -1)
+    if config["fine_tune_type"] in ("lora", "dora") and not isinstance(config.get("lora_parameters"), dict):
+        raise AdapterError(f"{config_file}: a {config['fine_tune_type']} adapter needs 'lora_parameters' with rank and scale")
+    return config
+
+
+def read_adapter_weights(path: Path) -> Tuple[Dict[str, mx.array], Dict[str, str]]:
+    """Read an adapter safetensors file and its metadata."""
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterError(f"{path}: adapter weights not found")
+    try:
+        weights, metadata = mx.load(str(path), format="safetensors", return_metadata=True)
+    except (RuntimeError, ValueError, OSError) as error:
+        raise AdapterError(f"{path}: not a readable safetensors file ({error}); it may be truncated") from error
+    return weights, metadata
+
+
+def check_fingerprint(saved: Optional[str], model: nn.Module, fine_tune_type: str, source: str) -> None:
+    """Compare a saved base-model fingerprint with the model's.
+
+    A tuned state is only meaningful for the exact weights it was trained on,
+    so a mismatch raises AdapterError for ``state``. For the other types it
+    logs a warning. Adapters without a fingerprint (made by mlx-lm) pass.
+    """
+    if not saved:
+        return
+    current = base_fingerprint(model)
+    if saved == current:
+        return
+    message = (
+        f"{source}: the adapters were trained on a base model with fingerprint {saved}, "
+        f"but this model's fingerprint is {current}"
+    )
+    if fine_tune_type == "state":
+        raise AdapterError(message + "; load the base model the state was tuned on (same file, dtype and quantization)")
+    logger.warning("%s; the outputs may not be what was trained", message)
+
+
+def check_adapter_tensors(weights: Dict[str, mx.array], model: nn.Module, fine_tune_type: str, source: str) -> None:
+    """Raise AdapterError unless every tensor is an adapter parameter of the
+    model with the same shape."""
+    parameters = dict(tree_flatten(model.parameters()))
+    if fine_tune_type in ADAPTER_LEAVES:
+        leaves = ADAPTER_LEAVES[fine_tune_type]
+        allowed = {name for name in parameters if name.rsplit(".", 1)[-1] in leaves}
+    elif fine_tune_type == "state":
+        allowed = {name for name in parameters if name.startswith("initial_state.")}
+    else:
+        allowed = set(parameters)
+
+    for name, value in weights.items():
+        if name not in allowed:
+            raise AdapterError(
+                f"{source}: tensor '{name}' is not a {fine_tune_type} parameter of this model; "
+                "the adapters were made for another model or with other keys or num_layers"
+            )
+        if tuple(value.shape) != tuple(parameters[name].shape):
+            raise AdapterError(
+                f"{source}: tensor '{name}' has shape {tuple(value.shape)}, but the model's is "
+                f"{tuple(parameters[name].shape)}"
+            )
+
+
+def load_adapters(model: nn.Module, adapter_path) -> nn.Module:
+    """Load an adapter folder onto a model, unfused.
+
+    Args:
+        model (nn.Module): The base model. For lora, dora and full it is
+            changed in place; its weights are frozen and the adapter
+            parameters are trainable.
+        adapter_path (str | Path): A folder with ``adapter_config.json`` and
+            ``adapters.safetensors`` (see the module docstring), from this
+            package or from ``mlx_lm.lora``.
+
+    Returns:
+        nn.Module: The adapted model: the same object, or for a ``state``
+        adapter a ``StateTunedModel`` that shares the base model's weights and
+        starts every sequence from the tuned state.
+    """
+    adapter_path = Path(adapter_path)
+    config = read_adapter_config(adapter_path)
+    weights_file = adapter_path / ADAPTER_WEIGHTS_FILE
+    weights, metadata = read_adapter_weights(weights_file)
+    fine_tune_type = config["fine_tune_type"]
+    saved_fingerprint = metadata.get("base_model_fingerprint") or config.get("base_model_fingerprint")
+    check_fingerprint(saved_fingerprint, model, fine_tune_type, str(weights_file))
+
+    was_training = model.training
+    if fine_tune_type in ("lora", "dora"):
+        model.freeze()
+        try:
+            apply_lora_layers(model, config["num_layers"], config["lora_parameters"], use_dora=fine_tune_type == "dora")
+        except (KeyError, ValueError) as error:
+            raise AdapterError(f"{adapter_path / ADAPTER_CONFIG_FILE}: {error}") from error
+    elif fine_tune_type == "state":
+        model.freeze()
+        model = StateTunedModel(model)
+
+    check_adapter_tensors(weights, model, fine_tune_type, str(weights_file))
+    model.load_weights(list(weights.items()), strict=False)
+    mx.eval(model.parameters())
+    if not was_training:
+        model.eval()
+    logger.info("loaded %s adapters from %s (%d tensors)", fine_tune_type, adapter_path, len(weights))
+    return model
+
+
+def load_tuned_cache(model: nn.Module, adapter_path, batch_size: int = 1):
+    """Read a state adapter into a cache for the base model, leaving the model unchanged.
+
+    Args:
+        model (nn.Module): The base model the state was tuned on.
+        adapter_path (str | Path): A ``state`` adapter folder, or its
+            ``adapters.safetensors`` file.
+        batch_size (int): Sequences in the batch.
+
+    Returns:
+        list[ArraysCache]: One cache per layer holding the tuned state.
+    """
+    adapter_path = Path(adapter_path)
+    weights_file = adapter_path / ADAPTER_WEIGHTS_FILE if adapter_path.is_dir() else adapter_path
+    if adapter_path.is_dir():
+        config = read_adapter_config(adapter_path)
+        if config["fine_tune_type"] != "state":
+            raise AdapterError(f"{adapter_path}: contains {config['fine_tune_type']} adapters, not a tuned state")
+    weights, metadata = read_adapter_weights(weights_file)
+    check_fingerprint(metadata.get("base_model_fingerprint"), model, "state", str(weights_file))
+
+    tuned = StateTunedModel(model)
+    check_adapter_tensors(weights, tuned, "state", str(weights_file))
+    tuned.load_weights(list(weights.items()), strict=False)
+    return tuned.initial_cache(batch_size)
+
+
+def save_tuned_state(path, model: StateTunedModel, tokenizer: Optional[str] = None) -> None:
+    """Write the tuned initial state as a state file (``rwkv_mlx.io.state``)
+    for ``generate --load-state`` with the base model.
+
+    Args:
+        path (str | Path): The state file to write.
+        model (StateTunedModel): The state-tuned model.
+        tokenizer (str, optional): ``tokenizer_identity`` of its tokenizer.
+    """
+    from ..io.state import save_state
+
+    if not isinstance(model, StateTunedModel):
+        raise ValueError("save_tuned_state needs a StateTunedModel (from state tuning or load_adapters)")
+    save_state(path, model.initial_cache(1), model.base_model, tokenizer=tokenizer)
+
+
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Replace every quantized linear and embedding layer by a dense one, in place."""
+    replaced = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.QuantizedLinear):
+            output_dims, _ = module.weight.shape
+            dense = nn.Linear(module.weight.shape[1] * 32 // module.bits, output_dims, bias="bias" in module)
+            dense.weight = dense_weight(module)
+            if "bias" in module:
+                dense.bias = module.bias
+            replaced.append((name, dense))
+        elif isinstance(module, nn.QuantizedEmbedding):
+            weight = mx.dequantize(
+                module.weight,
+                module.scales,
+                module.get("biases"),
+                group_size=module.group_size,
+                bits=module.bits,
+                mode=getattr(module, "mode", "affine"),
+            )
+            dense = nn.Embedding(*weight.shape)
+            dense.weight = weight
+            replaced.append((name, dense))
+    if replaced:
+        model.update_modules(tree_unflatten(replaced))
+    return model
+
+
+def fuse_adapters(model: nn.Module, dequantize: bool = False) -> nn.Module:
+    """Merge every LoRA and DoRA layer into its base layer, in place.
+
+    Args:
+        model (nn.Module): A model with unfused adapters (``load_adapters``).
+        dequantize (bool): Also turn every quantized layer into a dense one.
+
+    Returns:
+        nn.Module: The model with plain layers only.
+    """
+    if isinstance(model, StateTunedModel):
+        raise ValueError(
+            "a tuned state cannot be fused into the weights; use it with generate --load-state, "
+            "or load the adapter folder with load_adapters"
+        )
+    fused = [(name, module.fuse(dequantize=dequantize)) for name, module in model.named_modules() if isinstance(module, (LoRALinear, DoRALinear))]
+    if fused:
+        model.update_modules(tree_unflatten(fused))
+    if dequantize:
+        dequantize_model(model)
+    return model
+
+
+__all__ = [
+    "ADAPTER_CONFIG_FILE",
+    "ADAPTER_WEIGHTS_FILE",
+    "AdapterError",
+    "DEFAULT_LORA_KEYS",
+    "DEFAULT_LORA_PARAMETERS",
+    "FINE_TUNE_TYPES",
+    "InitialState",
+    "apply_lora_layers",
+    "base_fingerprint",
+    "dequantize_model",
+    "fuse_adapters",
+    "load_adapters",
+    "load_tuned_cache",
+    "prepare_for_training",
+    "save_adapter_config",
+    "save_adapter_weights",
+    "save_tuned_state",
+    "trainable_weights",
+]

@@ -1,0 +1,220 @@
+"""``python -m rwkv_mlx.lora`` and ``python -m rwkv_mlx.fuse`` on a tiny model directory."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from random_models import TINY_CONFIG
+from rwkv_mlx import fuse as fuse_cli
+from rwkv_mlx import lora as lora_cli
+from rwkv_mlx.io.state import load_state
+from rwkv_mlx.loading import load_model, save_model
+from rwkv_mlx.tuner import load_adapters
+from tuner_helpers import pattern_texts, tiny_model, write_jsonl
+
+IDS = mx.array(np.random.default_rng(0).integers(1, 256, (1, 30)))
+
+@pytest.fixture
+def model_dir(tmp_path) -> Path:
+    directory = tmp_path / "model"
+    save_model(directory, tiny_model(), dict(TINY_CONFIG))
+    return directory
+
+
+@pytest.fixture
+def data_dir(tmp_path) -> Path:
+    directory = tmp_path / "data"
+    write_jsonl(directory / "train.jsonl", pattern_texts(16, seed=0))
+    write_jsonl(directory / "valid.jsonl", pattern_texts(4, seed=1))
+    write_jsonl(directory / "test.jsonl", pattern_texts(4, seed=2))
+    return directory
+
+
+def train_argv(model_dir, data_dir, adapter_path, *extra):
+    return [
+        "--model", str(model_dir), "--data", str(data_dir), "--adapter-path", str(adapter_path),
+        "--train", "--iters", "6", "--batch-size", "2", "--steps-per-eval", "3", "--save-every", "3",
+        "--steps-per-report", "3", "--learning-rate", "1e-2", *extra,
+    ]  # fmt: skip
+
+
+def test_lora_train_and_test(tmp_path, model_dir, data_dir, capsys):
+    adapters = tmp_path / "adapters"
+
+    status = lora_cli.main(train_argv(model_dir, data_dir, adapters, "--test"))
+
+    output = capsys.readouterr().out
+    assert status == 0
+    assert "Trainable parameters:" in output
+    assert "Test loss" in output
+    assert "Test ppl" in output
+    config = json.loads((adapters / "adapter_config.json").read_text())
+    assert config["fine_tune_type"] == "lora"
+    assert config["num_layers"] == -1
+    assert config["lora_parameters"]["rank"] == 8
+    assert config["lora_parameters"]["keys"] == ["attn.r_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "ffn.key", "ffn.value"]
+    assert config["base_model_fingerprint"]
+    for name in ("adapters.safetensors", "0000003_adapters.safetensors", "0000006_adapters.safetensors"):
+        assert (adapters / name).is_file(), name
+
+
+def test_test_only_evaluates_adapters(tmp_path, model_dir, data_dir, capsys):
+    adapters = tmp_path / "adapters"
+    lora_cli.main(train_argv(model_dir, data_dir, adapters, "--test"))
+    trained = capsys.readouterr().out.split("Test loss")[1]
+
+    assert lora_cli.main(["--model", str(model_dir), "--data", str(data_dir), "--test", "--adapter-path", str(adapters)]) == 0
+    adapted = capsys.readouterr().out.split("Test loss")[1]
+    assert lora_cli.main(["--model", str(model_dir), "--data", str(data_dir), "--test"]) == 0
+    base = capsys.readouterr().out.split("Test loss")[1]
+
+    assert adapted == trained
+    assert float(base.split(",")[0]) > float(adapted.split(",")[0]) + 0.5
+
+
+def test_yaml_config(tmp_path, model_dir, data_dir):
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(
+        f"model: {model_dir}\ndata: {data_dir}\ntrain: true\nfine_tune_type: dora\n"
+        "learning_rate: 1e-2\niters: 100\nbatch_size: 2\nlora_parameters:\n  rank: 4\n  scale: 8.0\n  dropout: 0.0\n"
+    )
+    adapters = tmp_path / "adapters"
+
+    status = lora_cli.main(["-c", str(config_file), "--iters", "2", "--adapter-path", str(adapters)])
+
+    config = json.loads((adapters / "adapter_config.json").read_text())
+    assert status == 0
+    assert config["fine_tune_type"] == "dora"
+    assert config["iters"] == 2
+    assert config["learning_rate"] == 0.01
+    assert config["lora_parameters"]["rank"] == 4
+    assert any(name.endswith(".m") for name in mx.load(str(adapters / "adapters.safetensors")))
+
+
+def test_unknown_yaml_option(tmp_path, model_dir, data_dir, capsys):
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text("learning_rte: 0.1\n")
+
+    status = lora_cli.main(["-c", str(config_file), "--model", str(model_dir), "--data", str(data_dir), "--train"])
+
+    assert status == 1
+    assert "unknown option 'learning_rte'" in capsys.readouterr().err
+
+
+def test_state_tuning_writes_state_file(tmp_path, model_dir, data_dir):
+    adapters = tmp_path / "adapters"
+
+    status = lora_cli.main(train_argv(model_dir, data_dir, adapters, "--fine-tune-type", "state"))
+
+    assert status == 0
+    assert set(mx.load(str(adapters / "adapters.safetensors"))) == {"initial_state.layers.0.wkv", "initial_state.layers.1.wkv"}
+    base, _, _ = load_model(str(model_dir))
+    cache, metadata = load_state(adapters / "state.safetensors", base)
+    tuned = load_adapters(load_model(str(model_dir))[0], adapters)
+    assert metadata["tokenizer"] == "bytes"
+    assert mx.abs(base(IDS, cache=cache) - tuned(IDS)).max().item() <= 1e-5
+
+
+def test_bad_data_reports_file_and_line(tmp_path, model_dir, data_dir, capsys):
+    (data_dir / "train.jsonl").write_text('{"text": "fine"}\n{"text": \n')
+
+    status = lora_cli.main(train_argv(model_dir, data_dir, tmp_path / "adapters"))
+
+    assert status == 1
+    assert f"{data_dir / 'train.jsonl'}:2: invalid JSON" in capsys.readouterr().err
+
+
+def test_over_long_record_rejected(tmp_path, model_dir, data_dir, capsys):
+    write_jsonl(data_dir / "train.jsonl", [{"text": "short"}, {"text": "y" * 200}])
+
+    status = lora_cli.main(train_argv(model_dir, data_dir, tmp_path / "adapters", "--max-seq-length", "32", "--max-chunks", "2"))
+
+    assert status == 1
+    message = r"train\.jsonl:2: the record has 20[01] tokens, more than the 65 allowed \(--max-seq-length 32 times --max-chunks 2"
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_nothing_to_do(model_dir, data_dir, capsys):
+    assert lora_cli.main(["--model", str(model_dir), "--data", str(data_dir)]) == 1
+    assert "nothing to do" in capsys.readouterr().err
+
+
+def test_resume_flag_continues(tmp_path, model_dir, data_dir, capsys):
+    adapters = tmp_path / "adapters"
+    lora_cli.main(train_argv(model_dir, data_dir, adapters))
+    capsys.readouterr()
+
+    status = lora_cli.main(
+        train_argv(model_dir, data_dir, tmp_path / "more", "--resume-adapter-file", str(adapters / "0000003_adapters.safetensors"))
+    )
+
+    assert status == 0
+    assert "at iteration 4" in capsys.readouterr().out
+    _, metadata = mx.load(str(tmp_path / "more" / "adapters.safetensors"), return_metadata=True)
+    assert metadata["iteration"] == "6"
+
+
+def test_sigint_keeps_last_checkpoint(tmp_path, model_dir, data_dir):
+    adapters = tmp_path / "adapters"
+    argv = train_argv(model_dir, data_dir, adapters)
+    argv[argv.index("--iters") + 1] = "100000"
+    argv[argv.index("--save-every") + 1] = "2"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "rwkv_mlx.lora", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=tmp_path, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not (adapters / "0000004_adapters.safetensors").exists():
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "no checkpoint within 120 s"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+    assert process.returncode == 130
+    assert "interrupted" in stderr
+    _, metadata = mx.load(str(adapters / "adapters.safetensors"), return_metadata=True)
+    assert int(metadata["iteration"]) % 2 == 0
+    assert not list(adapters.glob(".*partial"))
+    load_adapters(load_model(str(model_dir))[0], adapters)
+
+    resumed = train_argv(model_dir, data_dir, adapters, "--resume-adapter-file", str(adapters / "adapters.safetensors"))
+    resumed[resumed.index("--iters") + 1] = str(int(metadata["iteration"]) + 2)
+    assert lora_cli.main(resumed) == 0
+
+
+def test_fuse_matches_unfused(tmp_path, model_dir, data_dir, capsys):
+    adapters = tmp_path / "adapters"
+    lora_cli.main(train_argv(model_dir, data_dir, adapters, "--fine-tune-type", "dora"))
+    adapted = load_adapters(load_model(str(model_dir))[0], adapters)
+
+    status = fuse_cli.main(["--model", str(model_dir), "--adapter-path", str(adapters), "--save-path", str(tmp_path / "fused")])
+
+    fused, config, _ = load_model(str(tmp_path / "fused"))
+    assert status == 0
+    assert config["hidden_size"] == TINY_CONFIG["hidden_size"]
+    assert mx.abs(fused(IDS) - adapted(IDS)).max().item() <= 1e-5
+
+
+def test_fuse_rejects_state(tmp_path, model_dir, data_dir, capsys):
+    adapters = tmp_path / "adapters"
+    lora_cli.main(train_argv(model_dir, data_dir, adapters, "--fine-tune-type", "state"))
+    capsys.readouterr()
+
+    status = fuse_cli.main(["--model", str(model_dir), "--adapter-path", str(adapters), "--save-path", str(tmp_path / "fused")])
+
+    assert status == 1
+    assert "a tuned state has no weights to fuse" in capsys.readouterr().err

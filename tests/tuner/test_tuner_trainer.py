@@ -1,0 +1,256 @@
+"""The training loop: batching, learning, checkpoints, resuming and interruption."""
+
+import json
+import logging
+
+import mlx.core as mx
+import mlx.optimizers as optim
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from rwkv_mlx.tuner import TrainingArgs, evaluate, iterate_batches, make_example, prepare_for_training, resume_from, train
+from rwkv_mlx.tuner.trainer import collate, optimizer_file_for, plot_losses
+from tuner_helpers import tiny_model
+
+
+def pattern_examples(count, start=40, seed=0):
+    """Sequences that repeat a 12-token pattern: quick to learn."""
+    rng = np.random.default_rng(seed)
+    return [make_example(np.tile(np.arange(start, start + 12), 12)[: int(rng.integers(20, 60))]) for _ in range(count)]
+
+
+def quick_args(tmp_path=None, **overrides):
+    options = dict(
+        batch_size=2,
+        iters=6,
+        steps_per_report=1,
+        steps_per_eval=1000,
+        steps_per_save=2,
+        learning_rate=1e-2,
+        adapter_file=str(tmp_path / "adapters.safetensors") if tmp_path else None,
+    )
+    options.update(overrides)
+    return TrainingArgs(**options)
+
+
+def test_collate_pads_to_multiple():
+    batch = collate([make_example([1, 2, 3]), make_example(list(range(40)))])
+
+    assert batch.tokens.shape == (2, 65)
+    assert batch.tokens[0, :4].tolist() == [1, 2, 3, 0]
+    assert batch.loss_mask[0].sum() == 2
+    assert batch.trained_tokens == 2 + 39
+
+
+def test_batches_group_similar_lengths():
+    examples = [make_example(list(range(1, n + 1))) for n in (5, 50, 6, 51, 7, 52)]
+
+    batches = list(iterate_batches(examples, batch_size=3, seed=None))
+
+    assert [b.tokens.shape for b in batches] == [(3, 33), (3, 65)]
+
+
+def test_batch_order_is_seeded_and_skippable():
+    examples = [make_example(list(range(1, n + 2))) for n in range(0, 80, 5)]
+
+    first = [b.tokens.tolist() for b in iterate_batches(examples, 2, seed=3)]
+    again = [b.tokens.tolist() for b in iterate_batches(examples, 2, seed=3)]
+    skipped = [b.tokens.tolist() for b in iterate_batches(examples, 2, seed=3, skip=3)]
+
+    assert first == again
+    assert skipped == first[3:]
+
+
+def test_too_few_records_rejected():
+    with pytest.raises(ValueError, match="the data has 1 records, fewer than the batch size 2"):
+        next(iterate_batches([make_example([1, 2])], 2))
+
+
+def test_training_lowers_validation_loss():
+    model = prepare_for_training(tiny_model(), "lora")
+    valid = pattern_examples(4, seed=9)
+
+    history = train(model, pattern_examples(12), valid, quick_args(iters=20, steps_per_eval=10))
+
+    losses = [loss for _, loss in history.valid]
+    assert [it for it, _ in history.valid] == [0, 10, 20]
+    assert losses[-1] < losses[0] - 1.0
+
+
+def test_long_records_train_in_chunks():
+    # Records of up to 60 tokens, trained 16 tokens at a time with the state
+    # carried between chunks.
+    model = prepare_for_training(tiny_model(), "state")
+    valid = pattern_examples(4, seed=9)
+
+    history = train(model, pattern_examples(12), valid, quick_args(iters=12, steps_per_eval=12, max_seq_length=16, learning_rate=5e-2))
+
+    assert history.valid[-1][1] < history.valid[0][1] - 0.3
+
+
+def test_evaluate_matches_mean_token_loss():
+    model = tiny_model()
+    examples = pattern_examples(5)
+
+    loss = evaluate(model, examples, batch_size=2)
+
+    total, count = 0.0, 0
+    for example in examples:
+        logits = model(mx.array(example.tokens[None, :-1]))
+        targets = mx.array(example.tokens[None, 1:])
+        losses = -mx.take_along_axis(logits - mx.logsumexp(logits, axis=-1, keepdims=True), targets[..., None], axis=-1)
+        total += losses.sum().item()
+        count += len(example) - 1
+    assert abs(loss - total / count) <= 1e-4
+
+
+def test_out_of_vocabulary_token_rejected():
+    with pytest.raises(ValueError, match="token id 300 is outside the model's vocabulary of 256"):
+        evaluate(tiny_model(), [make_example([1, 300, 2])], batch_size=1)
+
+
+def test_example_without_trained_tokens_rejected():
+    examples = pattern_examples(4) + [make_example([1, 2, 3], [False, False, False])]
+
+    with pytest.raises(ValueError, match="example 4: no token of the example counts in the loss"):
+        train(prepare_for_training(tiny_model(), "lora"), examples, None, quick_args())
+
+
+def test_nothing_to_train_rejected():
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        train(tiny_model().freeze(), pattern_examples(4), None, quick_args())
+
+
+def test_checkpoints_saved_every_n_steps(tmp_path):
+    model = prepare_for_training(tiny_model(), "lora")
+
+    train(model, pattern_examples(8), None, quick_args(tmp_path, iters=5))
+
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert "0000002_adapters.safetensors" in names
+    assert "0000004_adapters.safetensors" in names
+    assert "0000005_adapters.safetensors" in names
+    assert "0000004_optimizer.safetensors" in names
+    _, metadata = mx.load(str(tmp_path / "adapters.safetensors"), return_metadata=True)
+    assert metadata["iteration"] == "5"
+    history = json.loads((tmp_path / "loss_history.json").read_text())
+    assert [it for it, _ in history["train"]] == [1, 2, 3, 4, 5]
+
+
+def test_resume_continues_like_one_run(tmp_path):
+    data = pattern_examples(10)
+    mx.random.seed(1)
+    straight = prepare_for_training(tiny_model(), "lora")
+    train(straight, data, None, quick_args(tmp_path / "straight", iters=6, steps_per_save=3))
+
+    mx.random.seed(1)
+    first = prepare_for_training(tiny_model(), "lora")
+    train(first, data, None, quick_args(tmp_path / "first", iters=3, steps_per_save=3))
+
+    resumed = prepare_for_training(tiny_model(), "lora")
+    optimizer = optim.Adam(learning_rate=1e-2)
+    start = resume_from(tmp_path / "first" / "adapters.safetensors", resumed, optimizer)
+    train(resumed, data, None, quick_args(tmp_path / "resumed", iters=6, start_iteration=start), optimizer=optimizer)
+
+    assert start == 4
+    for (name, a), (_, b) in zip(tree_flatten(straight.trainable_parameters()), tree_flatten(resumed.trainable_parameters())):
+        assert mx.abs(a - b).max().item() <= 1e-6, name
+
+
+def test_resume_rejects_other_mode(tmp_path):
+    model = prepare_for_training(tiny_model(), "lora")
+    train(model, pattern_examples(4), None, quick_args(tmp_path, iters=2))
+
+    with pytest.raises(ValueError, match="is not trained in this run"):
+        resume_from(tmp_path / "adapters.safetensors", prepare_for_training(tiny_model(), "state"))
+
+
+class InterruptAt:
+    """A training callback that raises KeyboardInterrupt at one iteration, like Ctrl-C."""
+
+    def __init__(self, iteration):
+        self.iteration = iteration
+
+    def on_train_loss_report(self, info):
+        if info["iteration"] == self.iteration:
+            raise KeyboardInterrupt
+
+    def on_val_loss_report(self, info):
+        pass
+
+
+def test_interrupt_keeps_last_checkpoint(tmp_path, caplog):
+    model = prepare_for_training(tiny_model(), "lora")
+    saved_at_two = None
+
+    with caplog.at_level(logging.WARNING), pytest.raises(KeyboardInterrupt):
+        train(model, pattern_examples(8), None, quick_args(tmp_path, iters=10), training_callback=InterruptAt(3))
+
+    weights, metadata = mx.load(str(tmp_path / "adapters.safetensors"), return_metadata=True)
+    saved_at_two = mx.load(str(tmp_path / "0000002_adapters.safetensors"))
+    assert metadata["iteration"] == "2"
+    assert all(mx.array_equal(weights[name], saved_at_two[name]) for name in weights)
+    assert "interrupted at iteration 3" in caplog.text
+    assert not list(tmp_path.glob(".*partial"))
+
+
+def test_optimizer_file_names():
+    assert optimizer_file_for("a/adapters.safetensors").name == "optimizer.safetensors"
+    assert optimizer_file_for("a/0000010_adapters.safetensors").name == "0000010_optimizer.safetensors"
+
+
+def test_loss_plot(tmp_path, caplog):
+    from rwkv_mlx.tuner import TrainingHistory
+
+    history = TrainingHistory(train=[(1, 3.0), (2, 2.5)], valid=[(0, 3.2), (2, 2.6)])
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        with caplog.at_level(logging.WARNING):
+            assert plot_losses(history, tmp_path / "loss.png") is False
+        assert "matplotlib is not installed" in caplog.text
+        assert not (tmp_path / "loss.png").exists()
+    else:
+        assert plot_losses(history, tmp_path / "loss.png") is True
+        assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_grad_checkpoint_lowers_peak_memory():
+    import mlx.nn as nn
+
+    from random_models import random_model
+    from rwkv_mlx.tuner.trainer import batch_loss_and_grad, sequence_loss
+
+    config = dict(
+        model_type="rwkv7", vocab_size=256, hidden_size=128, intermediate_size=512, norm_eps=1e-5, head_dim=64,
+        num_hidden_layers=4, a_low_rank_dim=16, v_low_rank_dim=16, gate_low_rank_dim=16, decay_low_rank_dim=16,
+    )  # fmt: skip
+    model = prepare_for_training(random_model(config), "lora")
+    value_and_grad = nn.value_and_grad(model, sequence_loss)
+    batch = collate([make_example(np.random.default_rng(i).integers(1, 256, 257)) for i in range(2)])
+    peaks = {}
+    for checkpoint in (False, True):
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        baseline = mx.get_active_memory()
+        batch_loss_and_grad(model, batch, TrainingArgs(max_seq_length=256, grad_checkpoint=checkpoint), value_and_grad)
+        peaks[checkpoint] = mx.get_peak_memory() - baseline
+
+    assert peaks[True] < 0.7 * peaks[False]
+
+
+def test_forward_hidden_equals_model():
+    from rwkv_mlx.tuner.trainer import forward_hidden, initial_states
+
+    model = tiny_model()
+    ids = mx.array(np.random.default_rng(3).integers(1, 256, (2, 40)))
+    cache = model.make_cache()
+    expected = model.model(ids, cache=cache)
+
+    hidden, states = forward_hidden(model, ids, initial_states(model, 2))
+
+    assert mx.abs(hidden - expected).max().item() <= 1e-5
+    for layer_cache, layer_state in zip(cache, states):
+        for entry in range(3):
+            assert mx.abs(layer_cache[entry] - layer_state[entry]).max().item() <= 1e-5
