@@ -813,6 +813,10 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         "(default: the package's bundled model, when installed)",
     )
     parser.add_argument(
+        "--adapter-path",
+        help="a folder of LoRA, DoRA, full or state-tuning adapters from python -m rwkv_mlx.lora (or mlx_lm.lora)",
+    )
+    parser.add_argument(
         "--tokenizer",
         help="'world', 'bytes', or a tokenizer.json file (default: the model's own, else by vocabulary size: "
         "256 tokens use 'bytes', 65536 use 'world')",
@@ -972,6 +976,10 @@ def load_for_cli(args: argparse.Namespace):
     from .tokenizer import load_tokenizer
 
     model, config, path = load_model(resolve_model_source(args.model))
+    if args.adapter_path:
+        from .tuner import load_adapters
+
+        model = load_adapters(model, args.adapter_path)
     tokenizer_name = args.tokenizer or default_tokenizer_name(path, config)
     tokenizer = load_tokenizer(tokenizer_name)
     tokenizer_vocab = getattr(tokenizer, "vocab_size", None)

@@ -267,6 +267,7 @@ def load(
     path_or_repo: str,
     tokenizer: Optional[str] = None,
     dtype: Optional[mx.Dtype] = None,
+    adapter_path: Optional[str] = None,
 ):
     """Load a model and its tokenizer, as ``mlx_lm.load`` does.
 
@@ -276,6 +277,8 @@ def load(
         tokenizer (str, optional): ``"world"``, ``"bytes"`` or a path to a
             tokenizer.json; chosen from the model when not given.
         dtype (mx.Dtype, optional): Cast floating-point weights to this type.
+        adapter_path (str, optional): A folder of adapters from
+            ``python -m rwkv_mlx.lora`` to apply (LoRA, DoRA, full or state).
 
     Returns:
         tuple[nn.Module, Tokenizer]: The model and its tokenizer.
@@ -283,6 +286,10 @@ def load(
     from .tokenizer import load_tokenizer
 
     model, config, path = load_model(path_or_repo, dtype=dtype)
+    if adapter_path is not None:
+        from .tuner import load_adapters
+
+        model = load_adapters(model, adapter_path)
     name = tokenizer or default_tokenizer_name(path, config)
     return model, load_tokenizer(name)
 
