@@ -15,14 +15,13 @@ a directory no longer loads in mlx-lm without that flag.
 
 import argparse
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import mlx.core as mx
 from mlx_lm.utils import dequantize_model, quantize_model
 
+from ._files import write_atomically
 from .io.errors import CheckpointError
 from .loading import default_tokenizer_name, load_model, save_model
 
@@ -48,9 +47,7 @@ def write_model_file(directory: Path) -> str:
         str: The file name to record in config.json's ``model_file``.
     """
     source = Path(__file__).with_name("mlx_lm_model.py")
-    with tempfile.NamedTemporaryFile(dir=directory, prefix=".saving-", suffix=".py", delete=False) as staging:
-        staging.write(source.read_bytes())
-    os.replace(staging.name, directory / MODEL_FILE_NAME)
+    write_atomically(directory / MODEL_FILE_NAME, lambda f: f.write(source.read_bytes()))
     return MODEL_FILE_NAME
 
 

@@ -314,4 +314,4 @@ def save_model(directory: Path, model: nn.Module, config: Dict[str, Any], tokeni
             tokenizer.save_pretrained(staging)
         for item in staging.iterdir():
             os.replace(item, directory / item.name)
-    logger.info("saved model to %s", directory)
+    logger.debug("saved model to %s", directory)

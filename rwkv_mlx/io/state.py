@@ -32,8 +32,6 @@ one new prompt token to compute the next token's distribution.
 
 import hashlib
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -43,6 +41,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import ArraysCache
 
+from .._files import write_atomically
 from .errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -175,16 +174,7 @@ def save_state(
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
         raise FileNotFoundError(f"cannot save the state to {path}: folder {directory} does not exist")
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".partial")
-    try:
-        with os.fdopen(handle, "wb") as f:
-            mx.save_safetensors(f, arrays, metadata=metadata)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    write_atomically(path, lambda f: mx.save_safetensors(f, arrays, metadata=metadata))
     logger.info("saved the state to %s", path)
 
 

@@ -30,11 +30,10 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
+from .._files import write_atomically
 from .errors import TokenizerError
 
 
@@ -204,14 +203,10 @@ def write_json_files(directory: str | Path, files: dict[str, Any]) -> list[Path]
     directory.mkdir(parents=True, exist_ok=True)
     written = []
     for name, contents in files.items():
-        handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8") as stream:
-                json.dump(contents, stream, ensure_ascii=False, indent=2)
-                stream.write("\n")
-            os.replace(temporary, directory / name)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        def write_json(stream, contents=contents):
+            json.dump(contents, stream, ensure_ascii=False, indent=2)
+            stream.write("\n")
+
+        write_atomically(directory / name, write_json, text=True)
         written.append(directory / name)
     return written

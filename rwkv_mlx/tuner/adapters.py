@@ -30,8 +30,6 @@ save leaves the previous file intact.
 
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -39,6 +37,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from .._files import write_atomically as _write_atomically
 from ..io.state import model_fingerprint
 from .lora import DoRALinear, LoRALinear, dense_weight
 from .state import InitialState, StateTunedModel
@@ -209,17 +208,7 @@ def trainable_weights(model: nn.Module) -> Dict[str, mx.array]:
 
 def write_atomically(path: Path, write) -> None:
     """Call ``write(file)`` on a temporary file beside ``path``, then rename it to ``path``."""
-    path = Path(path)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    try:
-        with os.fdopen(handle, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    _write_atomically(path, write)
 
 
 def save_safetensors(path: Path, arrays: Dict[str, mx.array], metadata: Optional[Dict[str, str]] = None) -> None:
