@@ -208,7 +208,7 @@ def build_model(weights: Dict[str, mx.array], config: Dict[str, Any], source: st
 def quantize_like_weights(model: nn.Module, quantization: Dict[str, Any], weights: Dict[str, mx.array]) -> None:
     """Quantize the layers that have ``.scales`` in ``weights``, as mlx-lm records them.
 
-    ``quantization`` holds the default ``group_size`` and ``bits`` and, keyed by
+    ``quantization`` contains the default ``group_size`` and ``bits`` and, keyed by
     layer path, the settings of layers quantized differently.
     """
 

@@ -2,7 +2,7 @@
 
 Parameter names and shapes match mlx-lm's ``rwkv7`` model (see
 ``rwkv_mlx.io.layout7`` for the table and the official names), so weights
-move between the two unchanged. Each layer's cache holds three entries:
+move between the two unchanged. Each layer's cache contains three entries:
 
     cache[0]  time-mix token shift: the last input of the layer, [B, 1, C]
     cache[1]  WKV state, [B, H, N, N] float32, indexed [value, key]
