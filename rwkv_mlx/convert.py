@@ -2,7 +2,7 @@
 
     python -m rwkv_mlx.convert --model MODEL.pth --mlx-path DIR [-q --q-bits 4]
 
-The directory holds config.json, model.safetensors and the tokenizer files,
+The directory contains config.json, model.safetensors and the tokenizer files,
 and loads in rwkv_mlx and in stock mlx-lm (``model_type: rwkv7``).
 
 With ``--mlx-lm-model-file`` the directory also contains

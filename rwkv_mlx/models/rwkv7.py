@@ -98,7 +98,7 @@ def token_shift(x: mx.array, previous: Optional[mx.array], mask: Optional[mx.arr
     previous = previous.astype(x.dtype)
 
     if mask is not None:
-        # Padding takes the carried vector, so the first real position sees it
+        # Padding takes the carried vector, so the first real position reads it
         # and a trailing pad does not overwrite it.
         x = mx.where(mask[..., None], x, previous)
         last = mx.max(mx.where(mask, mx.arange(T), 0), axis=1)

@@ -172,8 +172,8 @@ def test_sigint_keeps_last_checkpoint(tmp_path, model_dir, data_dir):
         [sys.executable, "-m", "rwkv_mlx.lora", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         cwd=tmp_path, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         # A shell without job control starts background jobs with SIGINT
-        # ignored, and Python then installs no KeyboardInterrupt handler;
-        # restore the default so the test runs the same under any parent.
+        # ignored, so Python would install no KeyboardInterrupt handler.
+        # Restoring the default makes the test run the same under any parent.
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     try:
