@@ -2,9 +2,9 @@
 
 MLX's Linux CPU wheels (mlx-cpu 0.32) link a bundled reference BLAS. Loading
 the distribution's OpenBLAS with global symbol binding before MLX is first
-imported makes MLX's BLAS calls resolve to OpenBLAS instead. Measured on a
-2-core x86_64 Linux machine, a [64, 4096] x [4096, 4096] float32 product went
-from 3.5 to 81 GFLOP/s.
+imported makes MLX's BLAS calls resolve to OpenBLAS instead. On a 2-core
+x86_64 Linux machine, a [64, 4096] x [4096, 4096] float32 product went from
+4.9 to 150 GFLOP/s (bench/bench_blas.py, docs/benchmarks.md).
 
 It is on by default on Linux when a library is found, never on macOS (MLX uses
 Accelerate and Metal there), and has no effect once ``mlx.core`` is imported.
