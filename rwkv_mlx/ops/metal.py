@@ -153,6 +153,11 @@ Launcher = Callable[[KernelLaunch], list[mx.array]]
 _launcher: Launcher = run_on_metal
 
 
+def launch(description: KernelLaunch) -> list[mx.array]:
+    """Run a kernel launch with the current launcher: Metal, or the one `use_launcher` installed."""
+    return _launcher(description)
+
+
 @contextlib.contextmanager
 def use_launcher(launcher: Launcher) -> Iterator[None]:
     """Run the kernels of this module with ``launcher`` inside the ``with`` block.
@@ -213,15 +218,16 @@ def _check_inputs(r, w, k, v, a, b, state, mask, sequence: bool):
     return state, mask
 
 
-def _check_size(description: str, count: int) -> None:
+def check_size(description: str, count: int) -> None:
+    """Raise ValueError when a buffer has more elements than the kernels can index."""
     if count > MAX_ELEMENTS:
         raise ValueError(
-            f"{description} has {count} elements, more than the 2^32 - 1 the WKV-7 kernels can index; "
+            f"{description} has {count} elements, more than the 2^32 - 1 the kernels can index; "
             "split the batch or the sequence"
         )
 
 
-def _mask_argument(mask: mx.array | None) -> mx.array:
+def mask_argument(mask: mx.array | None) -> mx.array:
     # A kernel input cannot be left out, so without a mask the kernels get a
     # one-element placeholder and HAS_MASK = false keeps them from reading it.
     return mx.ones((1,), dtype=mx.bool_) if mask is None else mask
@@ -246,8 +252,8 @@ def forward_launch(r, w, k, v, a, b, state, mask, config: WKV7KernelConfig, chec
     groups = config.forward_groups or items
     segments = -(-T // checkpoint_interval) if checkpoint_interval else 0
 
-    _check_size("WKV-7 input", B * T * H * N)
-    _check_size("WKV-7 checkpoints", B * H * segments * N * N)
+    check_size("WKV-7 input", B * T * H * N)
+    check_size("WKV-7 checkpoints", B * H * segments * N * N)
     checkpoint_shape = (B, H, segments, N, N) if checkpoint_interval else (1,)
     return KernelLaunch(
         name="rwkv7_wkv_forward",
@@ -257,7 +263,7 @@ def forward_launch(r, w, k, v, a, b, state, mask, config: WKV7KernelConfig, chec
         header_file="wkv7_header.metal",
         input_names=("r", "w", "k", "v", "a", "b", "state_in", "mask"),
         output_names=("y", "state_out", "checkpoints"),
-        inputs=(r, w, k, v, a, b, state, _mask_argument(mask)),
+        inputs=(r, w, k, v, a, b, state, mask_argument(mask)),
         output_shapes=((B, T, H, N), (B, H, N, N), checkpoint_shape),
         output_dtypes=(mx.float32, mx.float32, mx.float32),
         grid=(groups * rows, 1, 1),
@@ -271,7 +277,7 @@ def backward_launch(r, w, k, v, a, b, mask, checkpoints, dy, dstate, config: WKV
     B, T, H, N = r.shape
     interval = config.checkpoint_interval
     groups = config.backward_groups or min(B * H, DEFAULT_BACKWARD_GROUPS)
-    _check_size("WKV-7 backward scratch", groups * (interval + 1) * N * N)
+    check_size("WKV-7 backward scratch", groups * (interval + 1) * N * N)
     return KernelLaunch(
         name="rwkv7_wkv_backward",
         source=kernel_source("wkv7_backward.metal"),
@@ -280,7 +286,7 @@ def backward_launch(r, w, k, v, a, b, mask, checkpoints, dy, dstate, config: WKV
         header_file="wkv7_header.metal",
         input_names=("r", "w", "k", "v", "a", "b", "mask", "checkpoints", "dy", "dstate_out"),
         output_names=("dr", "dw", "dk", "dv", "da", "db", "dstate_in", "scratch"),
-        inputs=(r, w, k, v, a, b, _mask_argument(mask), checkpoints, dy, dstate),
+        inputs=(r, w, k, v, a, b, mask_argument(mask), checkpoints, dy, dstate),
         output_shapes=(*([(B, T, H, N)] * 6), (B, H, N, N), (groups, interval + 1, N, N)),
         output_dtypes=(mx.float32,) * 8,
         grid=(groups * N, 1, 1),
@@ -295,7 +301,7 @@ def decode_launch(r, w, k, v, a, b, state, mask, config: WKV7KernelConfig) -> Ke
     rows_per_group = config.decode_rows_per_group
     if rows_per_group < 1 or SIMD_WIDTH * rows_per_group > MAX_THREADS_PER_THREADGROUP:
         raise ValueError(f"decode_rows_per_group {rows_per_group} must be between 1 and 32")
-    _check_size("WKV-7 state", B * H * N * N)
+    check_size("WKV-7 state", B * H * N * N)
     return KernelLaunch(
         name="rwkv7_wkv_decode",
         source=kernel_source("wkv7_decode.metal"),
@@ -304,7 +310,7 @@ def decode_launch(r, w, k, v, a, b, state, mask, config: WKV7KernelConfig) -> Ke
         header_file="wkv7_header.metal",
         input_names=("r", "w", "k", "v", "a", "b", "state_in", "mask"),
         output_names=("y", "state_out"),
-        inputs=(r, w, k, v, a, b, state, _mask_argument(mask)),
+        inputs=(r, w, k, v, a, b, state, mask_argument(mask)),
         output_shapes=((B, H, N), (B, H, N, N)),
         output_dtypes=(mx.float32, mx.float32),
         grid=(SIMD_WIDTH, B * H * N, 1),
@@ -349,7 +355,8 @@ def _sequence_gradients(primals, dy, dstate, has_mask: bool, config: WKV7KernelC
     return (*grads, dstate_in)
 
 
-def _cotangent(cotangent, like: mx.array) -> mx.array:
+def cotangent_or_zeros(cotangent, like: mx.array) -> mx.array:
+    """Return the cotangent in float32, or zeros shaped like ``like`` when MLX passes None."""
     return mx.zeros_like(like) if cotangent is None else cotangent.astype(mx.float32)
 
 
@@ -370,8 +377,8 @@ def _sequence_function(config: WKV7KernelConfig, has_mask: bool):
 
     @sequence.vjp
     def sequence_vjp(primals, cotangents, outputs):
-        dy = _cotangent(cotangents[0], outputs[0])
-        dstate = _cotangent(cotangents[1], outputs[1])
+        dy = cotangent_or_zeros(cotangents[0], outputs[0])
+        dstate = cotangent_or_zeros(cotangents[1], outputs[1])
         grads = _sequence_gradients(primals, dy, dstate, has_mask, config)
         return (*grads, mx.zeros_like(primals[7]))
 
@@ -395,8 +402,8 @@ def _decode_function(config: WKV7KernelConfig, has_mask: bool):
     def decode_vjp(primals, cotangents, outputs):
         *vectors, state, mask = primals
         sequence_primals = (*[x[:, None] for x in vectors], state, mask[:, None] if has_mask else mask)
-        dy = _cotangent(cotangents[0], outputs[0])[:, None]
-        dstate = _cotangent(cotangents[1], outputs[1])
+        dy = cotangent_or_zeros(cotangents[0], outputs[0])[:, None]
+        dstate = cotangent_or_zeros(cotangents[1], outputs[1])
         grads = _sequence_gradients(sequence_primals, dy, dstate, has_mask, config)
         return (*[g[:, 0] for g in grads[:6]], grads[6], mx.zeros_like(mask))
 
@@ -436,7 +443,7 @@ def wkv7_metal(
         return mx.zeros((B, T, H, N), dtype=mx.float32), state
 
     function = _sequence_function(config, mask is not None)
-    return function(r, w, k, v, a, b, state, _mask_argument(mask))
+    return function(r, w, k, v, a, b, state, mask_argument(mask))
 
 
 def wkv7_metal_decode(
@@ -479,7 +486,7 @@ def wkv7_metal_decode(
         return y[:, 0], state
 
     function = _decode_function(config, mask is not None)
-    return function(r, w, k, v, a, b, state, _mask_argument(mask))
+    return function(r, w, k, v, a, b, state, mask_argument(mask))
 
 
 # ---------------------------------------------------------------------------

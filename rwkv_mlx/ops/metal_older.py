@@ -38,12 +38,14 @@ from .metal import (
     DEFAULT_BACKWARD_GROUPS,
     DEFAULT_CHECKPOINT_INTERVAL,
     DEFAULT_DECODE_ROWS_PER_GROUP,
-    MAX_ELEMENTS,
     MAX_THREADGROUP_MEMORY,
     MAX_THREADS_PER_THREADGROUP,
     SIMD_WIDTH,
     KernelLaunch,
+    check_size,
+    cotangent_or_zeros,
     kernel_source,
+    mask_argument,
 )
 
 # NOTE: not tuned on Metal hardware.
@@ -107,25 +109,6 @@ DEFAULT_WKV6_CONFIG = WKV6KernelConfig()
 # ---------------------------------------------------------------------------
 
 
-def _launch(launch: KernelLaunch) -> list[mx.array]:
-    # Read the launcher at call time, so `metal.use_launcher` applies here too.
-    return metal._launcher(launch)
-
-
-def _mask_argument(mask: mx.array | None) -> mx.array:
-    # A kernel input cannot be left out, so without a mask the kernels get a
-    # one-element placeholder and HAS_MASK = false keeps them from reading it.
-    return mx.ones((1,), dtype=mx.bool_) if mask is None else mask
-
-
-def _check_size(description: str, count: int) -> None:
-    if count > MAX_ELEMENTS:
-        raise ValueError(
-            f"{description} has {count} elements, more than the 2^32 - 1 the kernels can index; "
-            "split the batch or the sequence"
-        )
-
-
 def _check_mask(version: str, mask: mx.array | None, expected: tuple[int, ...]) -> mx.array | None:
     """Validate the mask's shape and return it as bool (or None)."""
     if mask is None:
@@ -138,10 +121,6 @@ def _check_mask(version: str, mask: mx.array | None, expected: tuple[int, ...]) 
 def _check_float(version: str, name: str, x: mx.array) -> None:
     if not mx.issubdtype(x.dtype, mx.floating):
         raise ValueError(f"{version} input '{name}' has dtype {x.dtype}; expected a float dtype")
-
-
-def _cotangent(cotangent, like: mx.array) -> mx.array:
-    return mx.zeros_like(like) if cotangent is None else cotangent.astype(mx.float32)
 
 
 def _check_interval(interval: int, maximum: int | None = None) -> None:
@@ -200,8 +179,8 @@ def wkv4_forward_launch(k, v, w, u, state, mask, config: WKV4KernelConfig, check
     """
     B, T, C = k.shape
     segments = -(-T // checkpoint_interval) if checkpoint_interval else 0
-    _check_size("WKV-4 input", B * T * C)
-    _check_size("WKV-4 checkpoints", B * segments * 3 * C)
+    check_size("WKV-4 input", B * T * C)
+    check_size("WKV-4 checkpoints", B * segments * 3 * C)
 
     grid, threadgroup = _wkv4_grid(B * C, config)
     checkpoint_shape = (B, segments, 3, C) if checkpoint_interval else (1,)
@@ -213,7 +192,7 @@ def wkv4_forward_launch(k, v, w, u, state, mask, config: WKV4KernelConfig, check
         header_file="wkv4_header.metal",
         input_names=("k", "v", "w", "u", "state_in", "mask"),
         output_names=("y", "state_out", "checkpoints"),
-        inputs=(k, v, w, u, state, _mask_argument(mask)),
+        inputs=(k, v, w, u, state, mask_argument(mask)),
         output_shapes=((B, T, C), (B, 3, C), checkpoint_shape),
         output_dtypes=(mx.float32, mx.float32, mx.float32),
         grid=grid,
@@ -234,7 +213,7 @@ def wkv4_backward_launch(k, v, w, u, mask, checkpoints, dy, dstate, config: WKV4
         header_file="wkv4_header.metal",
         input_names=("k", "v", "w", "u", "mask", "checkpoints", "dy", "dstate_out"),
         output_names=("dk", "dv", "dw", "du", "dstate_in"),
-        inputs=(k, v, w, u, _mask_argument(mask), checkpoints, dy, dstate),
+        inputs=(k, v, w, u, mask_argument(mask), checkpoints, dy, dstate),
         output_shapes=((B, T, C), (B, T, C), (B, C), (B, C), (B, 3, C)),
         output_dtypes=(mx.float32,) * 5,
         grid=grid,
@@ -256,20 +235,20 @@ def _wkv4_sequence_function(config: WKV4KernelConfig, has_mask: bool):
     @mx.custom_function
     def sequence(k, v, w, u, state, mask):
         launch = wkv4_forward_launch(k, v, w, u, state, mask if has_mask else None, config, 0)
-        y, state_out, _ = _launch(launch)
+        y, state_out, _ = metal.launch(launch)
         return y, state_out
 
     @sequence.vjp
     def sequence_vjp(primals, cotangents, outputs):
         k, v, w, u, state, mask = primals
         mask = mask if has_mask else None
-        dy = _cotangent(cotangents[0], outputs[0])
-        dstate = _cotangent(cotangents[1], outputs[1])
+        dy = cotangent_or_zeros(cotangents[0], outputs[0])
+        dstate = cotangent_or_zeros(cotangents[1], outputs[1])
 
         interval = config.checkpoint_interval
-        checkpoints = _launch(wkv4_forward_launch(k, v, w, u, state, mask, config, interval))[2]
+        checkpoints = metal.launch(wkv4_forward_launch(k, v, w, u, state, mask, config, interval))[2]
         launch = wkv4_backward_launch(k, v, w, u, mask, checkpoints, dy, dstate, config)
-        dk, dv, dw_rows, du_rows, dstate_in = _launch(launch)
+        dk, dv, dw_rows, du_rows, dstate_in = metal.launch(launch)
 
         return (
             dk.astype(k.dtype),
@@ -313,7 +292,7 @@ def wkv4_metal(
         return mx.zeros((B, T, C), dtype=mx.float32), state
 
     function = _wkv4_sequence_function(config, mask is not None)
-    return function(k, v, w, u, state, _mask_argument(mask))
+    return function(k, v, w, u, state, mask_argument(mask))
 
 
 def wkv4_metal_decode(
@@ -407,8 +386,8 @@ def wkv6_forward_launch(r, w, k, v, u, state, mask, config: WKV6KernelConfig, ch
     groups = config.forward_groups or items
     segments = -(-T // checkpoint_interval) if checkpoint_interval else 0
 
-    _check_size("WKV-6 input", B * T * H * N)
-    _check_size("WKV-6 checkpoints", B * H * segments * N * N)
+    check_size("WKV-6 input", B * T * H * N)
+    check_size("WKV-6 checkpoints", B * H * segments * N * N)
     checkpoint_shape = (B, H, segments, N, N) if checkpoint_interval else (1,)
     return KernelLaunch(
         name="rwkv6_wkv_forward",
@@ -417,7 +396,7 @@ def wkv6_forward_launch(r, w, k, v, u, state, mask, config: WKV6KernelConfig, ch
         source_file="wkv6_forward.metal",
         input_names=("r", "w", "k", "v", "u", "state_in", "mask"),
         output_names=("y", "state_out", "checkpoints"),
-        inputs=(r, w, k, v, u, state, _mask_argument(mask)),
+        inputs=(r, w, k, v, u, state, mask_argument(mask)),
         output_shapes=((B, T, H, N), (B, H, N, N), checkpoint_shape),
         output_dtypes=(mx.float32, mx.float32, mx.float32),
         grid=(groups * rows, 1, 1),
@@ -431,7 +410,7 @@ def wkv6_backward_launch(r, w, k, v, u, mask, checkpoints, dy, dstate, config: W
     B, T, H, N = r.shape
     interval = config.checkpoint_interval
     groups = config.backward_groups or min(B * H, DEFAULT_BACKWARD_GROUPS)
-    _check_size("WKV-6 backward scratch", groups * interval * N * N)
+    check_size("WKV-6 backward scratch", groups * interval * N * N)
     return KernelLaunch(
         name="rwkv6_wkv_backward",
         source=kernel_source("wkv6_backward.metal"),
@@ -439,7 +418,7 @@ def wkv6_backward_launch(r, w, k, v, u, mask, checkpoints, dy, dstate, config: W
         source_file="wkv6_backward.metal",
         input_names=("r", "w", "k", "v", "u", "mask", "checkpoints", "dy", "dstate_out"),
         output_names=("dr", "dw", "dk", "dv", "du", "dstate_in", "scratch"),
-        inputs=(r, w, k, v, u, _mask_argument(mask), checkpoints, dy, dstate),
+        inputs=(r, w, k, v, u, mask_argument(mask), checkpoints, dy, dstate),
         output_shapes=(*([(B, T, H, N)] * 4), (B, H, N), (B, H, N, N), (groups, interval, N, N)),
         output_dtypes=(mx.float32,) * 7,
         grid=(groups * N, 1, 1),
@@ -454,7 +433,7 @@ def wkv6_decode_launch(r, w, k, v, u, state, mask, config: WKV6KernelConfig) -> 
     rows_per_group = config.decode_rows_per_group
     if rows_per_group < 1 or SIMD_WIDTH * rows_per_group > MAX_THREADS_PER_THREADGROUP:
         raise ValueError(f"decode_rows_per_group {rows_per_group} must be between 1 and 32")
-    _check_size("WKV-6 state", B * H * N * N)
+    check_size("WKV-6 state", B * H * N * N)
     return KernelLaunch(
         name="rwkv6_wkv_decode",
         source=kernel_source("wkv6_decode.metal"),
@@ -462,7 +441,7 @@ def wkv6_decode_launch(r, w, k, v, u, state, mask, config: WKV6KernelConfig) -> 
         source_file="wkv6_decode.metal",
         input_names=("r", "w", "k", "v", "u", "state_in", "mask"),
         output_names=("y", "state_out"),
-        inputs=(r, w, k, v, u, state, _mask_argument(mask)),
+        inputs=(r, w, k, v, u, state, mask_argument(mask)),
         output_shapes=((B, H, N), (B, H, N, N)),
         output_dtypes=(mx.float32, mx.float32),
         grid=(SIMD_WIDTH, B * H * N, 1),
@@ -481,9 +460,9 @@ def _wkv6_sequence_gradients(primals, dy, dstate, has_mask: bool, config: WKV6Ke
     mask = mask if has_mask else None
     interval = config.checkpoint_interval
 
-    checkpoints = _launch(wkv6_forward_launch(r, w, k, v, u, state, mask, config, interval))[2]
+    checkpoints = metal.launch(wkv6_forward_launch(r, w, k, v, u, state, mask, config, interval))[2]
     launch = wkv6_backward_launch(r, w, k, v, u, mask, checkpoints, dy, dstate, config)
-    dr, dw, dk, dv, du_rows, dstate_in, _ = _launch(launch)
+    dr, dw, dk, dv, du_rows, dstate_in, _ = metal.launch(launch)
 
     grads = [g.astype(x.dtype) for g, x in zip((dr, dw, dk, dv), (r, w, k, v))]
     return (*grads, du_rows.sum(axis=0).astype(u.dtype), dstate_in)
@@ -500,13 +479,13 @@ def _wkv6_sequence_function(config: WKV6KernelConfig, has_mask: bool):
     @mx.custom_function
     def sequence(r, w, k, v, u, state, mask):
         launch = wkv6_forward_launch(r, w, k, v, u, state, mask if has_mask else None, config, 0)
-        y, state_out, _ = _launch(launch)
+        y, state_out, _ = metal.launch(launch)
         return y, state_out
 
     @sequence.vjp
     def sequence_vjp(primals, cotangents, outputs):
-        dy = _cotangent(cotangents[0], outputs[0])
-        dstate = _cotangent(cotangents[1], outputs[1])
+        dy = cotangent_or_zeros(cotangents[0], outputs[0])
+        dstate = cotangent_or_zeros(cotangents[1], outputs[1])
         grads = _wkv6_sequence_gradients(primals, dy, dstate, has_mask, config)
         return (*grads, mx.zeros_like(primals[6]))
 
@@ -523,7 +502,7 @@ def _wkv6_decode_function(config: WKV6KernelConfig, has_mask: bool):
     @mx.custom_function
     def decode(r, w, k, v, u, state, mask):
         launch = wkv6_decode_launch(r, w, k, v, u, state, mask if has_mask else None, config)
-        y, state_out = _launch(launch)
+        y, state_out = metal.launch(launch)
         return y, state_out
 
     @decode.vjp
@@ -531,8 +510,8 @@ def _wkv6_decode_function(config: WKV6KernelConfig, has_mask: bool):
         r, w, k, v, u, state, mask = primals
         vectors = [x[:, None] for x in (r, w, k, v)]
         sequence_primals = (*vectors, u, state, mask[:, None] if has_mask else mask)
-        dy = _cotangent(cotangents[0], outputs[0])[:, None]
-        dstate = _cotangent(cotangents[1], outputs[1])
+        dy = cotangent_or_zeros(cotangents[0], outputs[0])[:, None]
+        dstate = cotangent_or_zeros(cotangents[1], outputs[1])
         dr, dw, dk, dv, du, dstate_in = _wkv6_sequence_gradients(sequence_primals, dy, dstate, has_mask, config)
         return (dr[:, 0], dw[:, 0], dk[:, 0], dv[:, 0], du, dstate_in, mx.zeros_like(mask))
 
@@ -547,7 +526,7 @@ def _wkv6_sequence(version, r, w, k, v, u, state, mask, config):
         return mx.zeros((B, T, H, N), dtype=mx.float32), state
 
     function = _wkv6_sequence_function(config, mask is not None)
-    return function(r, w, k, v, u, state, _mask_argument(mask))
+    return function(r, w, k, v, u, state, mask_argument(mask))
 
 
 def _wkv6_decode(version, r, w, k, v, u, state, mask, config):
@@ -564,7 +543,7 @@ def _wkv6_decode(version, r, w, k, v, u, state, mask, config):
         return y[:, 0], state
 
     function = _wkv6_decode_function(config, mask is not None)
-    return function(r, w, k, v, u, state, _mask_argument(mask))
+    return function(r, w, k, v, u, state, mask_argument(mask))
 
 
 def wkv6_metal(
