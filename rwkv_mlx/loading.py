@@ -2,7 +2,7 @@
 
 A model source is a local directory, a local checkpoint file, or a Hugging
 Face repo id (``owner/name``, or ``owner/name/file.pth`` for one file of a
-repository that contains several). The file format is told from the file's
+repository that contains several). The file format is detected from the file's
 first bytes, never from its name alone.
 """
 

@@ -277,7 +277,7 @@ def test_batch_finished_rows_freeze(model):
     assert result.tokens == expected
     assert result.finish_reasons[0] == "stop"
     for i, prompt in enumerate(prompts):
-        # Each row's state holds its prompt and generated tokens, including
+        # Each row's state contains its prompt and generated tokens, including
         # the end-of-sequence token, and nothing after it.
         reference = model.make_cache()
         model(mx.array([list(prompt.encode()) + expected[i]]), cache=reference)

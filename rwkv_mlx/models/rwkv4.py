@@ -1,7 +1,7 @@
 """RWKV-4 (Pile, Raven, World) in MLX.
 
 Parameter names and shapes are listed in ``rwkv_mlx.io.layout_older``. Each
-layer's cache holds three entries:
+layer's cache contains three entries:
 
     cache[0]  time-mix token shift: the last input of the time mix, [B, 1, C]
     cache[1]  WKV state (a, b, p), [B, 3, C] float32 (see ``rwkv_mlx.ops.wkv4``)
