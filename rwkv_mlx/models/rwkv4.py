@@ -25,7 +25,7 @@ import mlx.nn as nn
 from mlx_lm.models.base import BaseModelArgs
 from mlx_lm.models.cache import ArraysCache
 
-from ..ops import wkv4
+from ..ops import fast_math, wkv4
 from ..ops.wkv4 import empty_state
 from .rwkv7 import token_shift
 
@@ -76,7 +76,7 @@ class TimeMix(nn.Module):
 
         previous = cache[0] if cache is not None else None
         shifted, shift_out = token_shift(x, previous, mask)
-        receptance = mx.sigmoid(self.r_proj(mix(x, shifted, self.time_mix_r)))
+        receptance = fast_math.sigmoid(self.r_proj(mix(x, shifted, self.time_mix_r)))
         key = self.k_proj(mix(x, shifted, self.time_mix_k)).astype(mx.float32)
         value = self.v_proj(mix(x, shifted, self.time_mix_v)).astype(mx.float32)
 
@@ -111,7 +111,7 @@ class ChannelMix(nn.Module):
         if cache is not None:
             cache[2] = shift_out
 
-        receptance = mx.sigmoid(self.receptance(mix(x, shifted, self.time_mix_r)))
+        receptance = fast_math.sigmoid(self.receptance(mix(x, shifted, self.time_mix_r)))
         hidden = mx.square(nn.relu(self.key(mix(x, shifted, self.time_mix_k))))
         return receptance * self.value(hidden * scale)
 

@@ -25,7 +25,7 @@ import mlx.nn as nn
 from mlx_lm.models.base import BaseModelArgs
 from mlx_lm.models.cache import ArraysCache
 
-from ..ops import wkv6
+from ..ops import fast_math, wkv6
 from .rwkv4 import DEFAULT_RESCALE_EVERY, Block, RwkvModel
 from .rwkv5 import GROUP_NORM_EPS
 from .rwkv7 import GroupNormPerHead, token_shift
@@ -131,7 +131,7 @@ class ChannelMix(nn.Module):
             cache[2] = shift_out
 
         delta = shifted - x
-        receptance = mx.sigmoid(self.receptance(x + delta * self.time_maa_r))
+        receptance = fast_math.sigmoid(self.receptance(x + delta * self.time_maa_r))
         hidden = mx.square(nn.relu(self.key(x + delta * self.time_maa_k)))
         return receptance * self.value(hidden * scale)
 

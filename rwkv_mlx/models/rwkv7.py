@@ -20,7 +20,7 @@ import mlx.nn as nn
 from mlx_lm.models.base import BaseModelArgs
 from mlx_lm.models.cache import ArraysCache
 
-from ..ops import wkv7
+from ..ops import fast_math, wkv7
 
 # The decay is exp(-exp(-0.5) * sigmoid(z)): the official form
 # exp(-exp(-softplus(-z) - 0.5)) rewritten, so it lies in (exp(-0.6065), 1).
@@ -61,7 +61,7 @@ class LowRank(nn.Module):
         if self.activation == "tanh":
             h = mx.tanh(h)
         elif self.activation == "sigmoid":
-            h = mx.sigmoid(h)
+            h = fast_math.sigmoid(h)
         return self.lora[2](h)
 
 
@@ -155,18 +155,18 @@ class TimeMix(nn.Module):
         receptance = self.r_proj(xr).reshape(B, T, H, N)
         key = self.k_proj(xk).reshape(B, T, H, N)
         value = self.v_proj(xv).reshape(B, T, H, N)
-        learning_rate = mx.sigmoid(self.a_lora(xa)).reshape(B, T, H, N)
+        learning_rate = fast_math.sigmoid(self.a_lora(xa)).reshape(B, T, H, N)
         gate = self.g_lora(xg)
 
         # Value residual: later layers mix in the first layer's value.
         if self.layer_idx == 0:
             v_first = value
         else:
-            value_mix = mx.sigmoid(self.v_lora(xv)).reshape(B, T, H, N)
+            value_mix = fast_math.sigmoid(self.v_lora(xv)).reshape(B, T, H, N)
             value = value + (v_first - value) * value_mix
 
         # Log decay in float32, so decays near 1 keep their distance from 1.
-        log_decay = -DECAY_SCALE * mx.sigmoid(self.w_lora(xw).astype(mx.float32))
+        log_decay = -DECAY_SCALE * fast_math.sigmoid(self.w_lora(xw).astype(mx.float32))
         log_decay = log_decay.reshape(B, T, H, N)
 
         # The state's removal key is the normalised key; its replacement is

@@ -27,6 +27,8 @@ from typing import Optional, Tuple
 
 import mlx.core as mx
 
+from .fast_math import exp
+
 DEFAULT_CHUNK_LENGTH = 8
 
 # The exponent ``p`` of the empty state: e^p is 0 in float32, while sums such
@@ -68,15 +70,15 @@ def wkv4_step(k: mx.array, v: mx.array, w: mx.array, u: mx.array, state: mx.arra
     # Output: the state plus the current token weighted by e^{u + k}.
     bonus = u + k
     top = mx.maximum(p, bonus)
-    from_state = mx.exp(p - top)
-    from_token = mx.exp(bonus - top)
+    from_state = exp(p - top)
+    from_token = exp(bonus - top)
     wkv = (from_state * a + from_token * v) / (from_state * b + from_token)
 
     # Update: decay the state, then add the current token weighted by e^k.
     decayed = p + w
     top = mx.maximum(decayed, k)
-    from_state = mx.exp(decayed - top)
-    from_token = mx.exp(k - top)
+    from_state = exp(decayed - top)
+    from_token = exp(k - top)
     state = mx.stack([from_state * a + from_token * v, from_state * b + from_token, top], axis=1)
     return wkv, state
 
@@ -139,14 +141,14 @@ def _chunk_inner(k, v, log_decay, valid, u):
     diagonal = u + k
 
     top = mx.maximum(mx.max(pair, axis=-2), diagonal)
-    pair_weight = mx.exp(pair - top[..., :, None, :]) * valid[..., None, :, :]
-    diagonal_weight = mx.exp(diagonal - top) * valid
+    pair_weight = exp(pair - top[..., :, None, :]) * valid[..., None, :, :]
+    diagonal_weight = exp(diagonal - top) * valid
     numerator = (pair_weight * v[..., None, :, :]).sum(axis=-2) + diagonal_weight * v
     denominator = pair_weight.sum(axis=-2) + diagonal_weight
 
     to_end = k + D_end - D
     end_top = mx.max(to_end, axis=-2)
-    end_weight = mx.exp(to_end - end_top[..., None, :]) * valid
+    end_weight = exp(to_end - end_top[..., None, :]) * valid
     end_numerator = (end_weight * v).sum(axis=-2)
     end_denominator = end_weight.sum(axis=-2)
     return D_before, top, numerator, denominator, D_end[..., 0, :], end_top, end_numerator, end_denominator
@@ -160,15 +162,15 @@ def _chunk_step(state, D_before, top, numerator, denominator, D_end, end_top, en
     # Outputs: the state's sums decayed to each position, joined to the chunk's.
     from_state = p + D_before
     joint = mx.maximum(from_state, top)
-    state_scale = mx.exp(from_state - joint)
-    chunk_scale = mx.exp(top - joint)
+    state_scale = exp(from_state - joint)
+    chunk_scale = exp(top - joint)
     wkv = (a * state_scale + numerator * chunk_scale) / (b * state_scale + denominator * chunk_scale)
 
     # New state: the old one decayed over the chunk plus the chunk's sums.
     decayed = p[:, 0] + D_end
     new_p = mx.maximum(decayed, end_top)
-    state_scale = mx.exp(decayed - new_p)
-    chunk_scale = mx.exp(end_top - new_p)
+    state_scale = exp(decayed - new_p)
+    chunk_scale = exp(end_top - new_p)
     new_a = a[:, 0] * state_scale + end_numerator * chunk_scale
     new_b = b[:, 0] * state_scale + end_denominator * chunk_scale
     return wkv, mx.stack([new_a, new_b, new_p], axis=1)

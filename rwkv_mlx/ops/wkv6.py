@@ -27,6 +27,8 @@ from typing import Tuple
 
 import mlx.core as mx
 
+from .fast_math import exp
+
 # Measured on the Linux CPU backend (2 cores, B=1, T=512, H=16, N=64): 0.14 s
 # with chunks of 8 against 0.20 s (4), 0.45 s (16) and 0.38 s serial.
 DEFAULT_CHUNK_LENGTH = 8
@@ -45,7 +47,7 @@ def wkv6_step(r, w, k, v, u, state):
         tuple[mx.array, mx.array]: ``y`` [B, H, N] and the new state, both float32.
     """
     r, k, v = (x.astype(mx.float32) for x in (r, k, v))
-    decay = mx.exp(w.astype(mx.float32))
+    decay = exp(w.astype(mx.float32))
 
     y = (state @ r[..., None])[..., 0] + v * (r * u * k).sum(axis=-1, keepdims=True)
     state = state * decay[..., None, :] + v[..., None] * k[..., None, :]
@@ -103,14 +105,14 @@ def _chunk_inner(r, w, k, v, u):
     g_end = g[..., -1:, :]
 
     strict = mx.tril(mx.ones((L, L), dtype=mx.bool_), k=-1)[..., None]
-    pair_decay = mx.exp(mx.where(strict, g_before[..., :, None, :] - g[..., None, :, :], -mx.inf))
+    pair_decay = exp(mx.where(strict, g_before[..., :, None, :] - g[..., None, :, :], -mx.inf))
     scores = (r[..., :, None, :] * k[..., None, :, :] * pair_decay).sum(axis=-1)
     bonus = (r * u[:, None, None, :] * k).sum(axis=-1, keepdims=True)
     y_inner = scores @ v + bonus * v
 
-    r_decayed = r * mx.exp(g_before)
-    k_to_end = k * mx.exp(g_end - g)
-    decay_to_end = mx.exp(g_end)[..., 0, :]
+    r_decayed = r * exp(g_before)
+    k_to_end = k * exp(g_end - g)
+    decay_to_end = exp(g_end)[..., 0, :]
     return y_inner, r_decayed, k_to_end, decay_to_end
 
 

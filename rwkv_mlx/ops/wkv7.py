@@ -20,6 +20,8 @@ from functools import partial
 
 import mlx.core as mx
 
+from .fast_math import exp
+
 DEFAULT_CHUNK_LENGTH = 16
 
 
@@ -98,60 +100,58 @@ def _chunk_inner(r, w, k, v, a, b):
     which is a unit lower-triangular system in the rows u_t. The factors
     e^{-g_s} grow at most to exp(L * max|w|); for RWKV-7, |w| <= exp(-0.5),
     so with L = 16 they stay below 2e4, far from the float32 range.
+
+    Returns the operands of ``_chunk_step``, each [B, H, C, ...]: the rows
+    that read the chunk's initial state (``u`` then ``y``, [2L, N]), the
+    part of ``u`` from the chunk's own values [L, N], the matrix that maps
+    ``[u; v]`` to ``y`` [L, 2L], the rows that write ``[u; v]`` into the
+    state [2L, N], and the decay of the whole chunk [N].
     """
     L = r.shape[-2]
-    g = mx.cumsum(w, axis=-2)
-    g_before = g - w
-    g_last = g[..., -1:, :]
 
-    a_scaled = a * mx.exp(g_before)
-    r_scaled = r * mx.exp(g)
-    b_unscaled = b * mx.exp(-g)
-    k_unscaled = k * mx.exp(-g)
+    # One exponential: e^{g_{t-1}} is e^{g} shifted by one position and
+    # e^{-g} its reciprocal (see fast_math for what exponentials cost).
+    decay_to = exp(mx.cumsum(w, axis=-2))
+    decay_before = mx.concatenate([mx.ones_like(decay_to[..., :1, :]), decay_to[..., :-1, :]], axis=-2)
+    growth = 1 / decay_to
+    decay_last = decay_to[..., -1:, :]
 
+    # All four products between positions in one matrix product:
+    # [a e^{g-}; r e^{g}] against [b e^{-g}; k e^{-g}].
+    read = mx.concatenate([a * decay_before, r * decay_to], axis=-2)
+    write = mx.concatenate([b, k], axis=-2) * mx.concatenate([growth, growth], axis=-2)
+    products = read @ write.swapaxes(-1, -2)
     strict = mx.tril(mx.ones((L, L), dtype=mx.bool_), k=-1)
     inclusive = mx.tril(mx.ones((L, L), dtype=mx.bool_))
     zero = mx.array(0.0, dtype=mx.float32)
+    m_ab = mx.where(strict, products[..., :L, :L], zero)
+    m_ak = mx.where(strict, products[..., :L, L:], zero)
+    m_out = mx.where(mx.concatenate([inclusive, inclusive], axis=-1), products[..., L:, :], zero)
 
-    def swap(x):
-        return x.swapaxes(-1, -2)
-
-    m_ab = mx.where(strict, a_scaled @ swap(b_unscaled), zero)
-    m_ak = mx.where(strict, a_scaled @ swap(k_unscaled), zero)
-    m_rb = mx.where(inclusive, r_scaled @ swap(b_unscaled), zero)
-    m_rk = mx.where(inclusive, r_scaled @ swap(k_unscaled), zero)
-
+    # u = solve (a e^{g-} S0^T + m_ak v): the first term waits for the state.
     solve = _inverse_unit_lower(m_ab, L)
-    # u = solve @ (a_scaled S0^T + m_ak v): keep both terms for the state pass.
-    u_from_state = solve @ a_scaled  # [.., L, N_key]: u_state = u_from_state @ S0^T
-    u_from_values = solve @ (m_ak @ v)  # [.., L, N_value]
+    u_from_state = solve @ read[..., :L, :]
+    u_from_values = solve @ (m_ak @ v)
 
-    b_to_end = b * mx.exp(g_last - g)
-    k_to_end = k * mx.exp(g_last - g)
-    decay_to_end = mx.exp(g_last)[..., 0, :]
-    return (
-        r_scaled,
-        m_rb,
-        m_rk,
-        u_from_state,
-        u_from_values,
-        b_to_end,
-        k_to_end,
-        decay_to_end,
-    )
+    state_readers = mx.concatenate([u_from_state, read[..., L:, :]], axis=-2)
+    to_end = mx.concatenate([b, k], axis=-2) * mx.concatenate([decay_last * growth] * 2, axis=-2)
+    return state_readers, u_from_values, m_out, to_end, decay_last[..., 0, :]
 
 
 @mx.compile
-def _chunk_step(state, v, r_scaled, m_rb, m_rk, u_from_state, u_from_values, b_to_end, k_to_end, decay_to_end):
-    """Apply one chunk to the state: inputs are one chunk index of `_chunk_inner`."""
-    state_t = state.swapaxes(-1, -2)  # [B, H, N_key, N_value]
-    u = u_from_state @ state_t + u_from_values
-    y = r_scaled @ state_t + m_rb @ u + m_rk @ v
-    state = (
-        state * decay_to_end[..., None, :]
-        + u.swapaxes(-1, -2) @ b_to_end
-        + v.swapaxes(-1, -2) @ k_to_end
-    )
+def _chunk_step(state, v, state_readers, u_from_values, m_out, to_end, decay_last):
+    """Apply one chunk to the state: inputs are one chunk index of `_chunk_inner`.
+
+    Three matrix products per chunk: on MLX's CPU backend, where each product
+    is one BLAS call per head, the 32 chunks of a 512-token prefill of the
+    0.1B shape took 7.0 ms this way and 9.4 ms with seven smaller products.
+    """
+    L = v.shape[-2]
+    from_state = state_readers @ state.swapaxes(-1, -2)  # [.., 2L, N_value]
+    u = from_state[..., :L, :] + u_from_values
+    uv = mx.concatenate([u, v], axis=-2)
+    y = from_state[..., L:, :] + m_out @ uv
+    state = state * decay_last[..., None, :] + uv.swapaxes(-1, -2) @ to_end
     return y, state
 
 

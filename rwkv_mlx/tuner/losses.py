@@ -23,6 +23,8 @@ from typing import List, Optional, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..ops import fast_math
+
 logger = logging.getLogger(__name__)
 
 # Tokens per chunk of logits: 32 MiB of float32 logits for a 65536-token
@@ -127,7 +129,7 @@ def _token_losses(logits: mx.array, targets: mx.array, fused: bool) -> mx.array:
         return mx.fast.cross_entropy(logits, targets)
     logits = logits.astype(_accumulation_dtype(logits.dtype))
     target_logits = mx.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
-    return mx.logsumexp(logits, axis=-1) - target_logits
+    return fast_math.logsumexp(logits) - target_logits
 
 
 def _after(x: mx.array, previous) -> mx.array:
@@ -169,7 +171,7 @@ def _frozen_head_loss(head: OutputHead, chunk_size: int, fused: bool):
         grad_hidden = []
         for start, end in _token_chunks(hidden.shape[0], chunk_size):
             chunk = _after(hidden[start:end], grad_hidden[-1] if grad_hidden else None)
-            probs = mx.softmax(_project(chunk, head, arrays).astype(dtype), axis=-1)
+            probs = fast_math.softmax(_project(chunk, head, arrays).astype(dtype))
             grad_logits = (probs * scale[start:end, None]).astype(hidden.dtype)
             grad_chunk = _project_back(grad_logits, head, arrays) - (scale[start:end, None] * rows[start:end]).astype(hidden.dtype)
             grad_hidden.append(grad_chunk)
@@ -199,7 +201,7 @@ def _trained_head_loss(chunk_size: int):
         logsumexp = []
         for start, end in _token_chunks(hidden.shape[0], chunk_size):
             logits = (_after(hidden[start:end], total) @ weight.T).astype(dtype)
-            chunk_logsumexp = mx.logsumexp(logits, axis=-1)
+            chunk_logsumexp = fast_math.logsumexp(logits)
             target_logits = mx.take_along_axis(logits, targets[start:end, None], axis=-1)[:, 0]
             total = total + ((chunk_logsumexp - target_logits) * weights[start:end]).sum()
             logsumexp.append(chunk_logsumexp)
@@ -221,7 +223,7 @@ def _trained_head_loss(chunk_size: int):
             end = min(start + block, vocab_size)
             rows = _after(weight[start:end], previous)
 
-            probs = mx.exp((hidden @ rows.T).astype(dtype) - logsumexp[:, None])
+            probs = fast_math.exp((hidden @ rows.T).astype(dtype) - logsumexp[:, None])
             grad_logits = (probs * scale[:, None]).astype(hidden.dtype)
             grad_hidden = grad_hidden + (grad_logits @ rows).astype(dtype)
 
