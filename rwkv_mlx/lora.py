@@ -278,12 +278,6 @@ def load_model_and_tokenizer(options):
     from .tokenizer import load_tokenizer
 
     model, config, path = load_model(options.model)
-    # NOTE: the training forward and state tuning follow the RWKV-7 blocks;
-    # RWKV-4, 5 and 6 models run and convert but cannot be fine-tuned yet.
-    if config.get("model_type", "rwkv7") != "rwkv7":
-        raise ValueError(
-            f"{options.model} is an {config['model_type'].upper()} model; fine-tuning supports RWKV-7 models only so far"
-        )
     name = options.tokenizer or default_tokenizer_name(path, config)
     return model, load_tokenizer(name), name
 

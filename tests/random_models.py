@@ -1,10 +1,10 @@
-"""Random-weight RWKV-7 models with value ranges like trained ones, for tests."""
+"""Random-weight RWKV models (RWKV-7, and RWKV-4, 5.x and 6) with value ranges like trained ones, for tests."""
 
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from rwkv_mlx.models import rwkv7
+from rwkv_mlx.models import rwkv4, rwkv5, rwkv6, rwkv7
 
 TINY_CONFIG = dict(
     model_type="rwkv7",
@@ -63,5 +63,52 @@ def random_model(config: dict = None, seed: int = 0, dtype=mx.float32) -> rwkv7.
     model = rwkv7.Model(rwkv7.ModelArgs(**config))
     weights = random_weights(config, seed)
     model.load_weights([(k, v.astype(dtype)) for k, v in weights.items()])
+    mx.eval(model.parameters())
+    return model
+
+
+# The model module of each older version.
+OLDER_MODULES = {"4": rwkv4, "5": rwkv5, "5.1": rwkv5, "5.2": rwkv5, "6": rwkv6}
+
+
+def _older_value(name: str, shape, rng) -> np.ndarray:
+    """Return a random value for one RWKV-4, 5.x or 6 parameter, in a trained-like range."""
+    if name.endswith("norm.weight"):
+        return 1 + 0.1 * rng.standard_normal(shape)
+    if name.endswith("norm.bias"):
+        return 0.05 * rng.standard_normal(shape)
+    if ".time_mix_" in name or (".time_maa_" in name and not name.endswith(("_w1", "_w2"))):
+        return rng.uniform(0, 1, shape)
+    if name.endswith("time_decay"):
+        return rng.uniform(-5, 1.5, shape)
+    if name.endswith("time_first"):
+        return -1.2 + 0.3 * rng.standard_normal(shape)
+    if name.endswith("time_faaaa"):
+        return rng.uniform(0, 1, shape)
+    if name.endswith(("_w1", "_w2")):
+        return 0.1 * rng.standard_normal(shape)
+    if name.endswith("embeddings.weight"):
+        return 0.5 * rng.standard_normal(shape)
+    return rng.standard_normal(shape) / np.sqrt(shape[-1])
+
+
+def random_older_model(version: str, config: dict, seed: int = 0, output_growth: float = 1.0, dtype=mx.float32):
+    """Build an RWKV-4, 5.x or 6 model with random weights in trained-like
+    ranges (keys of about unit size, decays from fast to slow).
+
+    ``output_growth`` multiplies the output projections of layer i by
+    ``output_growth ** i``, so the residual stream grows with depth. The
+    weights are drawn in float32 and cast to ``dtype``.
+    """
+    module = OLDER_MODULES[version]
+    model = module.Model(module.ModelArgs.from_dict(config))
+    rng = np.random.default_rng(seed)
+    weights = []
+    for name, value in tree_flatten(model.parameters()):
+        w = _older_value(name, value.shape, rng)
+        if name.endswith(("o_proj.weight", "ffn.value.weight")):
+            w = w * output_growth ** int(name.split(".")[2])
+        weights.append((name, mx.array(w.astype(np.float32)).astype(dtype)))
+    model.load_weights(weights)
     mx.eval(model.parameters())
     return model

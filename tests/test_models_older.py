@@ -23,6 +23,7 @@ from rwkv_mlx.io.errors import CheckpointError
 from rwkv_mlx.io.layout_older import infer_config, official_to_canonical
 from rwkv_mlx.loading import build_model, load_model, save_model
 from rwkv_mlx.models import rwkv4, rwkv5, rwkv6
+from random_models import OLDER_MODULES, random_older_model
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 PARITY_CASES = {
@@ -180,45 +181,13 @@ def tiny_config(version: str) -> dict:
     return config
 
 
-MODULES = {"4": rwkv4, "5": rwkv5, "5.1": rwkv5, "5.2": rwkv5, "6": rwkv6}
+MODULES = OLDER_MODULES
 VERSIONS = list(MODULES)
 
 
 def random_model(version: str, config: dict = None, seed: int = 0, output_growth: float = 1.0):
-    """Build a model of one version with random weights in trained-like ranges.
-
-    ``output_growth`` multiplies the output projections of layer i by
-    ``output_growth ** i``, so the residual stream grows with depth.
-    """
-    module = MODULES[version]
-    config = config or tiny_config(version)
-    model = module.Model(module.ModelArgs(**config))
-    rng = np.random.default_rng(seed)
-    weights = []
-    for name, value in tree_flatten(model.parameters()):
-        shape = value.shape
-        if name.endswith("norm.weight"):
-            w = 1 + 0.1 * rng.standard_normal(shape)
-        elif name.endswith("norm.bias"):
-            w = 0.05 * rng.standard_normal(shape)
-        elif ".time_mix_" in name or (".time_maa_" in name and not name.endswith(("_w1", "_w2"))):
-            w = rng.uniform(0, 1, shape)
-        elif name.endswith("time_decay"):
-            w = rng.uniform(-5, 1.5, shape)
-        elif name.endswith("time_first"):
-            w = -1.2 + 0.3 * rng.standard_normal(shape)
-        elif name.endswith("time_faaaa"):
-            w = rng.uniform(0, 1, shape)
-        elif name.endswith(("_w1", "_w2")):
-            w = 0.1 * rng.standard_normal(shape)
-        elif name.endswith("embeddings.weight"):
-            w = 0.5 * rng.standard_normal(shape)
-        else:
-            w = rng.standard_normal(shape) / np.sqrt(shape[-1])
-            if name.endswith(("o_proj.weight", "ffn.value.weight")):
-                w = w * output_growth ** int(name.split(".")[2])
-        weights.append((name, mx.array(w.astype(np.float32))))
-    model.load_weights(weights)
+    """Build a model of one version with random weights (``random_older_model``), in eval mode."""
+    model = random_older_model(version, config or tiny_config(version), seed, output_growth)
     model.eval()
     return model
 

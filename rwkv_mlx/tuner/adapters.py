@@ -17,9 +17,10 @@ An adapter folder contains two files, in mlx-lm's format where it has one:
 ``adapters.safetensors``
     Exactly the trained tensors, under their names in the adapted model:
     ``...lora_a``, ``...lora_b`` (and ``...m`` for DoRA), the unfrozen layers'
-    weights for ``full``, or ``initial_state.layers.<i>.wkv`` [H, N, N] for
-    ``state``. The metadata records ``fine_tune_type``, ``iteration`` and
-    ``base_model_fingerprint``.
+    weights for ``full``, or for ``state`` ``initial_state.layers.<i>.wkv``
+    [H, N, N] (RWKV-4: ``initial_state.layers.<i>.wkv_sums`` [2, C], see
+    ``rwkv_mlx.tuner.state``). The metadata records ``fine_tune_type``,
+    ``iteration`` and ``base_model_fingerprint``.
 
 Checkpoints saved during training sit beside it as
 ``<iteration>_adapters.safetensors`` (seven digits), and the optimizer state
@@ -50,9 +51,11 @@ ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapters.safetensors"
 
 # The receptance, key, value and output projections of the time mix and both
-# projections of the channel mix: the large matrices of an RWKV-7 block. The
-# small low-rank matrices (decay, in-context learning rate, value residual,
-# gate) are left alone.
+# projections of the channel mix: the large matrices of a block, present in
+# RWKV-4, 5, 6 and 7 alike. The rest is left alone: RWKV-7's small low-rank
+# matrices (decay, in-context learning rate, value residual, gate), the
+# channel-mix receptance of RWKV-4, 5 and 6, and the gate projection of
+# RWKV-5.1, 5.2 and 6.
 DEFAULT_LORA_KEYS = ("attn.r_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "ffn.key", "ffn.value")
 
 # mlx-lm's defaults, so a config written by either tool means the same.

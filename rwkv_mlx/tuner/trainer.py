@@ -23,6 +23,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from mlx_lm.models.cache import ArraysCache
 
+from ..models import rwkv7
 from .adapters import (
     AdapterError,
     read_adapter_weights,
@@ -154,7 +155,7 @@ def iterate_batches(
 
 
 def initial_states(model: nn.Module, batch_size: int) -> List[LayerState]:
-    """Return each layer's starting state: the tuned one for a StateTunedModel, else zeros."""
+    """Return each layer's starting state: the tuned one for a StateTunedModel, else the empty state."""
     if isinstance(model, StateTunedModel):
         caches = model.initial_cache(batch_size)
     else:
@@ -163,9 +164,17 @@ def initial_states(model: nn.Module, batch_size: int) -> List[LayerState]:
 
 
 def _run_block(layer: nn.Module, x: mx.array, v_first: Optional[mx.array], state: LayerState):
+    """Run one block from ``state`` and return its output, ``v_first`` and the new state.
+
+    RWKV-7 blocks take and return the first layer's value (``v_first``, the
+    value residual). RWKV-4, 5 and 6 blocks have none, and ``v_first`` stays None.
+    """
     cache = ArraysCache(size=3)
     cache.cache = list(state)
-    x, v_first = layer(x, v_first, cache, None)
+    if isinstance(layer, rwkv7.Block):
+        x, v_first = layer(x, v_first, cache, None)
+    else:
+        x = layer(x, cache, None)
     return x, v_first, tuple(cache.cache)
 
 
@@ -182,11 +191,13 @@ def forward_hidden(
 ) -> Tuple[mx.array, List[LayerState]]:
     """Run the model up to its final norm, from explicit per-layer states.
 
-    This is ``rwkv7.Rwkv7Model.__call__`` with the states passed in and out
-    as arrays, so that each block can be checkpointed.
+    This is the inner model's ``__call__`` (``rwkv7.Rwkv7Model`` or the
+    ``rwkv4.RwkvModel`` that RWKV-4, 5 and 6 share) with the states passed in
+    and out as arrays, so that each block can be checkpointed.
 
     Args:
-        model (nn.Module): An RWKV-7 ``Model``, with or without adapters.
+        model (nn.Module): An RWKV-4, 5, 6 or 7 ``Model``, or a
+            ``StateTunedModel``, with or without adapters.
         inputs (mx.array): Token ids, [B, T].
         states (list): Per layer (time-mix token shift, WKV state, channel-mix token shift).
         checkpoint (bool): Recompute each block in the backward pass
@@ -207,7 +218,8 @@ def forward_hidden(
 
 
 def _head_module(model: nn.Module) -> nn.Module:
-    if model.args.tie_word_embeddings:
+    # Only RWKV-7's arguments have ``tie_word_embeddings``.
+    if getattr(model.args, "tie_word_embeddings", False):
         return model.model.embeddings
     return model.lm_head
 
@@ -519,6 +531,8 @@ class _TrainingRun:
 
         if iteration % args.grad_accumulation_steps == 0 or iteration == args.iters:
             self.optimizer.update(self.model, _clip(self.accumulated, args.max_grad_norm))
+            if isinstance(self.model, StateTunedModel):
+                self.model.initial_state.constrain()
             self.accumulated = None
             mx.eval(self.model.parameters(), self.optimizer.state)
 
@@ -601,7 +615,7 @@ def train(
     to train it from scratch.
 
     Args:
-        model (nn.Module): An RWKV-7 model.
+        model (nn.Module): An RWKV-4, 5, 6 or 7 model.
         train_set (sequence): Examples: ``Example``, token-id sequences, or
             (tokens, loss_mask) pairs.
         valid_set (sequence, optional): Examples for validation.

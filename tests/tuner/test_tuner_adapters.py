@@ -20,7 +20,6 @@ from rwkv_mlx.tuner import (
     DoRALinear,
     LoRALinear,
     StateTunedModel,
-    TrainingArgs,
     base_fingerprint,
     fuse_adapters,
     load_adapters,
@@ -28,47 +27,15 @@ from rwkv_mlx.tuner import (
     make_example,
     make_tuned_cache,
     prepare_for_training,
-    save_adapter_config,
     save_tuned_state,
-    train,
 )
-from tuner_helpers import all_weights, randomize_trainable, tiny_model
+from tuner_helpers import LORA_PARAMETERS, all_weights, base_name, quantize_for_test, randomize_trainable, tiny_model, train_steps
 
 IDS = mx.array(np.random.default_rng(0).integers(1, 256, (2, 24)))
-LORA_PARAMETERS = {"rank": 4, "scale": 10.0, "dropout": 0.0}
 
 
 def pattern_examples(count=8):
     return [make_example(np.tile(np.arange(40, 52), 5)[: 30 + i]) for i in range(count)]
-
-
-def train_steps(model, folder, iters, fine_tune_type, learning_rate=1e-2, fingerprint=""):
-    """Train ``iters`` steps into an adapter folder with its config."""
-    save_adapter_config(
-        folder,
-        {
-            "fine_tune_type": fine_tune_type,
-            "num_layers": -1,
-            "lora_parameters": {**LORA_PARAMETERS, "keys": list(DEFAULT_LORA_KEYS)},
-            "base_model_fingerprint": fingerprint,
-        },
-    )
-    args = TrainingArgs(
-        batch_size=2,
-        iters=iters,
-        steps_per_save=iters,
-        steps_per_eval=1000,
-        steps_per_report=1,
-        learning_rate=learning_rate,
-        adapter_file=str(folder / "adapters.safetensors"),
-    )
-    metadata = {"fine_tune_type": fine_tune_type, "base_model_fingerprint": fingerprint}
-    return train(model, pattern_examples(), None, args, metadata=metadata)
-
-
-def base_name(name: str) -> str:
-    """The base model's name of a parameter of a LoRA or DoRA model."""
-    return name.replace(".linear.", ".")
 
 
 @pytest.mark.parametrize(
@@ -82,7 +49,7 @@ def test_only_named_weights_change(tmp_path, fine_tune_type, options):
     trainable = {name for name, _ in tree_flatten(model.trainable_parameters())}
     initial = all_weights(model)
 
-    train_steps(model, tmp_path, iters=1, fine_tune_type=fine_tune_type)
+    train_steps(model, tmp_path, examples=pattern_examples(), iters=1, fine_tune_type=fine_tune_type)
     after = all_weights(model)
 
     changed = [name for name in trainable if not np.array_equal(after[name], initial[name])]
@@ -141,20 +108,7 @@ def test_fused_equals_unfused(fine_tune_type):
 
 
 def quantized_tiny_model(bits):
-    model = tiny_model()
-    predicate = model.quant_predicate
-
-    def class_predicate(path, module):
-        if not hasattr(module, "to_quantized"):
-            return False
-        choice = predicate(path, module)
-        if choice is True:
-            return {"group_size": 32, "bits": bits}
-        return choice
-
-    nn.quantize(model, class_predicate=class_predicate)
-    mx.eval(model.parameters())
-    return model
+    return quantize_for_test(tiny_model(), bits)
 
 
 def test_qlora_trains_on_4_bit_base(tmp_path):
@@ -163,7 +117,7 @@ def test_qlora_trains_on_4_bit_base(tmp_path):
     before = all_weights(model)
     model = prepare_for_training(model, "lora", lora_parameters=LORA_PARAMETERS)
 
-    history = train_steps(model, tmp_path, iters=12, fine_tune_type="lora", learning_rate=2e-2)
+    history = train_steps(model, tmp_path, examples=pattern_examples(), iters=12, fine_tune_type="lora", learning_rate=2e-2)
 
     assert history.train[-1][1] < history.train[0][1] - 1.0
     after = all_weights(model)
@@ -196,7 +150,7 @@ def test_load_adapters_reproduces_trained_model(tmp_path, fine_tune_type):
     base = tiny_model().eval()
     fingerprint = base_fingerprint(base)
     trained = prepare_for_training(base, fine_tune_type, lora_parameters=LORA_PARAMETERS)
-    train_steps(trained, tmp_path, iters=3, fine_tune_type=fine_tune_type, fingerprint=fingerprint)
+    train_steps(trained, tmp_path, examples=pattern_examples(), iters=3, fine_tune_type=fine_tune_type, fingerprint=fingerprint)
     trained.eval()
 
     loaded = load_adapters(tiny_model().eval(), tmp_path)
@@ -209,7 +163,7 @@ def test_load_adapters_reproduces_trained_model(tmp_path, fine_tune_type):
 
 def test_our_adapters_load_in_mlx_lm(tmp_path):
     ours = prepare_for_training(tiny_model(), "lora", lora_parameters=LORA_PARAMETERS)
-    train_steps(ours, tmp_path, iters=2, fine_tune_type="lora")
+    train_steps(ours, tmp_path, examples=pattern_examples(), iters=2, fine_tune_type="lora")
     ours.eval()
 
     theirs = mlx_lm_rwkv7.Model(mlx_lm_rwkv7.ModelArgs(**TINY_CONFIG))
@@ -272,7 +226,7 @@ def test_tuned_state_file_loads_with_generate(tmp_path):
 
 def test_state_from_other_model_rejected(tmp_path):
     model = prepare_for_training(tiny_model(seed=0), "state")
-    train_steps(model, tmp_path, iters=1, fine_tune_type="state", fingerprint=base_fingerprint(tiny_model(seed=0)))
+    train_steps(model, tmp_path, examples=pattern_examples(), iters=1, fine_tune_type="state", fingerprint=base_fingerprint(tiny_model(seed=0)))
 
     with pytest.raises(AdapterError, match="trained on a base model with fingerprint"):
         load_adapters(tiny_model(seed=1), tmp_path)
@@ -301,7 +255,7 @@ def test_invalid_adapter_config(tmp_path):
 
 def test_adapter_shape_mismatch(tmp_path):
     model = prepare_for_training(tiny_model(), "lora", lora_parameters=LORA_PARAMETERS)
-    train_steps(model, tmp_path, iters=1, fine_tune_type="lora")
+    train_steps(model, tmp_path, examples=pattern_examples(), iters=1, fine_tune_type="lora")
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     config["lora_parameters"]["rank"] = 8
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
@@ -312,7 +266,7 @@ def test_adapter_shape_mismatch(tmp_path):
 
 def test_truncated_adapter_file(tmp_path):
     model = prepare_for_training(tiny_model(), "lora", lora_parameters=LORA_PARAMETERS)
-    train_steps(model, tmp_path, iters=1, fine_tune_type="lora")
+    train_steps(model, tmp_path, examples=pattern_examples(), iters=1, fine_tune_type="lora")
     data = (tmp_path / "adapters.safetensors").read_bytes()
     (tmp_path / "adapters.safetensors").write_bytes(data[: len(data) // 2])
 

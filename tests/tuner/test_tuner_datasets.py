@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from rwkv_mlx.tuner.datasets import DatasetError, Features, load_datasets, load_jsonl_dataset
-from tuner_helpers import ByteTokenizer, write_jsonl
+from tuner_helpers import write_jsonl
 
 
 class PlainTokenizer:

@@ -15,7 +15,7 @@ from mlx.utils import tree_flatten
 
 from rwkv_mlx.tuner.adapters import prepare_for_training
 from rwkv_mlx.tuner.trainer import TrainingArgs, batch_loss_and_grad, sequence_loss
-from tuner_helpers import cast_trainable, random_batch, randomize_trainable, tiny_model
+from tuner_helpers import assert_metal_gradients_match, cast_trainable, random_batch, randomize_trainable, tiny_model
 
 EPSILON = 1e-2
 RELATIVE_TOLERANCE = 1e-2
@@ -95,32 +95,7 @@ def test_chunked_loss_equals_whole_sequence():
 
 @pytest.mark.parametrize("mode", ["lora", "state"])
 def test_metal_kernel_gradient_equals_pure_mlx(mode, monkeypatch):
-    # The model's WKV goes through the Metal forward and backward kernels,
-    # run in the CPU emulator (or on a Metal GPU where there is one), with
-    # the state carried across chunks.
-    import metal_harness
-    from rwkv_mlx.ops import metal
+    # Through the RWKV-7 Metal forward and backward kernels.
+    model = prepare_for_training(tiny_model(seed=3), mode, **MODES[mode])
 
-    reason = metal_harness.unavailable_reason()
-    if reason is not None and not mx.metal.is_available():
-        pytest.skip(str(reason))
-    model = tiny_model(seed=3)
-    model = prepare_for_training(model, mode, **MODES[mode])
-    randomize_trainable(model, scale=0.05, seed=4)
-    batch = random_batch(batch_size=2, length=40, seed=9, prompt=3)
-    args = TrainingArgs(max_seq_length=24)
-    value_and_grad = nn.value_and_grad(model, sequence_loss)
-    with mx.stream(mx.cpu):
-        expected = batch_loss_and_grad(model, batch, args, value_and_grad)
-
-    if mx.metal.is_available():
-        with mx.stream(mx.gpu):
-            found = batch_loss_and_grad(model, batch, args, value_and_grad)
-    else:
-        monkeypatch.setattr(metal, "metal_available", lambda: True)
-        with metal.use_launcher(metal_harness.launcher()):
-            found = batch_loss_and_grad(model, batch, args, value_and_grad)
-
-    assert abs(found[0] - expected[0]) <= 1e-5 * abs(expected[0])
-    for (name, a), (_, b) in zip(tree_flatten(expected[2]), tree_flatten(found[2])):
-        assert mx.abs(a - b).max().item() <= 1e-4 * (1 + mx.abs(a).max().item()), name
+    assert_metal_gradients_match(model, monkeypatch)

@@ -1,17 +1,20 @@
 """Shared pieces of the tuner tests: a byte-level tokenizer with a chat
-template, tiny models, data folders and batches."""
+template, tiny models of every RWKV version, data folders and batches."""
 
 import json
 from pathlib import Path
 from typing import Dict, List, Sequence
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
+import pytest
 from mlx.utils import tree_flatten, tree_map
 
-from random_models import TINY_CONFIG, random_model
+from random_models import OLDER_MODULES, TINY_CONFIG, random_model, random_older_model
+from rwkv_mlx.tuner import DEFAULT_LORA_KEYS, TrainingArgs, save_adapter_config, train
 from rwkv_mlx.tuner.datasets import make_example
-from rwkv_mlx.tuner.trainer import collate
+from rwkv_mlx.tuner.trainer import batch_loss_and_grad, collate, sequence_loss
 
 ROLE_NAMES = {"system": "System", "user": "User", "assistant": "Assistant", "tool": "Tool"}
 
@@ -54,6 +57,33 @@ def tiny_model(seed: int = 0, dtype=mx.float32, config=None):
     return random_model(config or TINY_CONFIG, seed=seed, dtype=dtype)
 
 
+OLDER_VERSIONS = list(OLDER_MODULES)
+
+
+def older_config(version: str) -> dict:
+    """The config.json of a tiny RWKV-4, 5.x or 6 model: byte vocabulary,
+    width 64 (one quantization group), two layers of two heads."""
+    config = dict(
+        model_type=f"rwkv{version[0]}",
+        version=version,
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+    )
+    if version != "4":
+        config["head_dim"] = 32
+    if version == "6":
+        config.update(mix_low_rank_dim=8, decay_low_rank_dim=8)
+    return config
+
+
+def older_model(version: str, seed: int = 0, dtype=mx.float32):
+    """Build a tiny RWKV-4, 5.x or 6 model (``older_config``) with random
+    weights in trained-like ranges, cast to ``dtype``."""
+    return random_older_model(version, older_config(version), seed, dtype=dtype)
+
+
 def random_batch(batch_size: int, length: int, seed: int = 0, prompt: int = 0):
     """A batch of random token sequences of different lengths; the first
     ``prompt`` tokens of each do not count in the loss."""
@@ -86,3 +116,89 @@ def randomize_trainable(model, scale: float, seed: int):
 def all_weights(model) -> Dict[str, np.ndarray]:
     """Every parameter of the model as a NumPy copy, by name."""
     return {name: np.array(value) for name, value in tree_flatten(model.parameters())}
+
+
+LORA_PARAMETERS = {"rank": 4, "scale": 10.0, "dropout": 0.0}
+
+
+def train_steps(model, folder, iters, fine_tune_type, examples, learning_rate=1e-2, fingerprint="", valid=None, **extra):
+    """Train ``iters`` steps on ``examples`` into an adapter folder with its
+    config, validating on ``valid`` at the start and the end; returns the history."""
+    save_adapter_config(
+        folder,
+        {
+            "fine_tune_type": fine_tune_type,
+            "num_layers": -1,
+            "lora_parameters": {**LORA_PARAMETERS, "keys": list(DEFAULT_LORA_KEYS)},
+            "base_model_fingerprint": fingerprint,
+        },
+    )
+    args = TrainingArgs(
+        batch_size=2,
+        iters=iters,
+        steps_per_save=iters,
+        steps_per_eval=iters,
+        steps_per_report=1,
+        learning_rate=learning_rate,
+        adapter_file=str(folder / "adapters.safetensors"),
+        **extra,
+    )
+    metadata = {"fine_tune_type": fine_tune_type, "base_model_fingerprint": fingerprint}
+    return train(model, examples, valid, args, metadata=metadata)
+
+
+def base_name(name: str) -> str:
+    """The base model's name of a parameter of a LoRA or DoRA model."""
+    return name.replace(".linear.", ".")
+
+
+def assert_metal_gradients_match(model, monkeypatch) -> None:
+    """Check that the loss and gradient of a prepared model are the same
+    through the Metal WKV kernels as through the pure-MLX forms.
+
+    The kernels run on a Metal GPU where there is one, else in the CPU
+    emulator; the batch is longer than ``max_seq_length``, so the state is
+    carried across chunks. Skips when neither is available.
+    """
+    import metal_harness
+    from rwkv_mlx.ops import metal
+
+    reason = metal_harness.unavailable_reason()
+    if reason is not None and not mx.metal.is_available():
+        pytest.skip(str(reason))
+    randomize_trainable(model, scale=0.05, seed=4)
+    batch = random_batch(batch_size=2, length=40, seed=9, prompt=3)
+    args = TrainingArgs(max_seq_length=24)
+    value_and_grad = nn.value_and_grad(model, sequence_loss)
+    with mx.stream(mx.cpu):
+        expected = batch_loss_and_grad(model, batch, args, value_and_grad)
+
+    if mx.metal.is_available():
+        with mx.stream(mx.gpu):
+            found = batch_loss_and_grad(model, batch, args, value_and_grad)
+    else:
+        monkeypatch.setattr(metal, "metal_available", lambda: True)
+        with metal.use_launcher(metal_harness.launcher()):
+            found = batch_loss_and_grad(model, batch, args, value_and_grad)
+
+    assert abs(found[0] - expected[0]) <= 1e-5 * abs(expected[0])
+    for (name, a), (_, b) in zip(tree_flatten(expected[2]), tree_flatten(found[2])):
+        assert mx.abs(a - b).max().item() <= 1e-4 * (1 + mx.abs(a).max().item()), name
+
+
+def quantize_for_test(model, bits: int):
+    """Quantize a model with its own ``quant_predicate``, in groups of 32
+    (the tiny models' widths), and return it."""
+    predicate = model.quant_predicate
+
+    def class_predicate(path, module):
+        if not hasattr(module, "to_quantized"):
+            return False
+        choice = predicate(path, module)
+        if choice is True:
+            return {"group_size": 32, "bits": bits}
+        return choice
+
+    nn.quantize(model, class_predicate=class_predicate)
+    mx.eval(model.parameters())
+    return model
