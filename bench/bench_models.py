@@ -10,10 +10,11 @@ where torch and rwkv are installed. For each implementation and weight format
 the table gives:
 
 - prefill tokens/s: the whole prompt in one call, ending in the last
-  position's logits, as a generator needs them;
+  position's logits, as a generator needs them; the best of ``--repeats``
+  timed runs after an untimed one;
 - decode: the median milliseconds per token over 128 greedy steps, and tokens/s;
 - a LoRA training step at 512 tokens (rank 8 on every linear layer of every
-  block, forward and backward), in tokens/s;
+  block, forward and backward), in tokens/s, the best of ``--repeats`` steps;
 - peak memory in MB: MLX's peak allocation for the MLX implementations and
   the process's peak resident size for the official one;
 - the decode roofline: weight bytes read per token over the machine's read
@@ -26,6 +27,7 @@ the same BLAS (see rwkv_mlx/_blas.py).
 import argparse
 import gc
 import json
+import math
 import os
 import platform
 import resource
@@ -147,9 +149,10 @@ def decode_bytes_per_token(model: nn.Module) -> int:
 class MlxRunner:
     """Times an MLX model that follows mlx-lm's protocol (rwkv_mlx's or mlx-lm's)."""
 
-    def __init__(self, name: str, model: nn.Module):
+    def __init__(self, name: str, model: nn.Module, repeats: int):
         self.name = name
         self.model = model
+        self.repeats = repeats
 
     def prefill(self, ids: np.ndarray) -> float:
         tokens = mx.array(ids)[None]
@@ -157,12 +160,15 @@ class MlxRunner:
         warmup = self.model.make_cache()
         mx.eval(self._head(self.model.model(tokens, warmup)[:, -1:]), [c.cache for c in warmup])
 
-        cache = self.model.make_cache()
-        start = time.perf_counter()
-        hidden = self.model.model(tokens, cache)
-        logits = self._head(hidden[:, -1:])
-        mx.eval(logits, [c.cache for c in cache])
-        return len(ids) / (time.perf_counter() - start)
+        best = math.inf
+        for _ in range(self.repeats):
+            cache = self.model.make_cache()
+            start = time.perf_counter()
+            hidden = self.model.model(tokens, cache)
+            logits = self._head(hidden[:, -1:])
+            mx.eval(logits, [c.cache for c in cache])
+            best = min(best, time.perf_counter() - start)
+        return len(ids) / best
 
     def decode(self, prompt: np.ndarray) -> list:
         cache = self.model.make_cache()
@@ -179,6 +185,10 @@ class MlxRunner:
         return times
 
     def train_step(self, ids: np.ndarray) -> float:
+        """Time one LoRA step, each implementation with its own training loss:
+        rwkv_mlx's trainer (``sequence_loss``, chunked cross-entropy) and
+        mlx-lm's (the dense cross-entropy of ``mlx_lm.tuner.trainer``). Both
+        get the same adapters, from mlx-lm's ``linear_to_lora_layers``."""
         from mlx_lm.tuner.utils import linear_to_lora_layers
 
         model = self.model
@@ -187,17 +197,31 @@ class MlxRunner:
         inputs = mx.array(ids[None, :-1])
         targets = mx.array(ids[None, 1:])
 
-        def loss_fn(model):
-            logits = model(inputs)
-            return nn.losses.cross_entropy(logits.astype(mx.float32), targets).mean()
+        if self.name == "rwkv_mlx":
+            from rwkv_mlx.tuner.trainer import sequence_loss
+
+            positions = mx.arange(inputs.size)
+
+            def loss_fn(model):
+                loss, _ = sequence_loss(model, inputs, targets, positions, None, inputs.size)
+                return loss
+
+        else:
+
+            def loss_fn(model):
+                logits = model(inputs)
+                return nn.losses.cross_entropy(logits.astype(mx.float32), targets).mean()
 
         value_and_grad = nn.value_and_grad(model, loss_fn)
         loss, grads = value_and_grad(model)
         mx.eval(loss, grads)
-        start = time.perf_counter()
-        loss, grads = value_and_grad(model)
-        mx.eval(loss, grads)
-        return (len(ids) - 1) / (time.perf_counter() - start)
+        best = math.inf
+        for _ in range(self.repeats):
+            start = time.perf_counter()
+            loss, grads = value_and_grad(model)
+            mx.eval(loss, grads)
+            best = min(best, time.perf_counter() - start)
+        return (len(ids) - 1) / best
 
     def _head(self, hidden):
         if getattr(self.model.args, "tie_word_embeddings", False):
@@ -216,7 +240,11 @@ def build_mlx_model(kind: str, weights: dict, config: dict, fmt: str) -> nn.Modu
     if fmt == "bfloat16":
         model.update(tree_map(lambda p: p.astype(mx.bfloat16), model.parameters()))
     elif fmt == "q4":
-        predicate = model.quant_predicate
+        # Both implementations get the same quantized weights: rwkv_mlx's
+        # recipe (what ``python -m rwkv_mlx.convert -q`` writes: embedding
+        # and head at 8 bits, low-rank matrices unquantized). mlx-lm's own
+        # recipe differs (head at 4 bits), so its weights would not be the same.
+        predicate = rwkv7.Model.quant_predicate.fget(model)
 
         def quantize_predicate(path, module):
             if not hasattr(module, "to_quantized") or module.weight.shape[-1] % 64:
@@ -228,7 +256,9 @@ def build_mlx_model(kind: str, weights: dict, config: dict, fmt: str) -> nn.Modu
     return model
 
 
-def run_official(weights: dict, config: dict, lengths: list, prompt: np.ndarray, results: list, bandwidth: float):
+def run_official(
+    weights: dict, config: dict, lengths: list, prompt: np.ndarray, results: list, bandwidth: float, repeats: int
+):
     """Time BlinkDL's rwkv package, if torch and rwkv are installed."""
     os.environ.setdefault("RWKV_V7_ON", "1")
     os.environ.setdefault("RWKV_JIT_ON", "1")
@@ -252,9 +282,12 @@ def run_official(weights: dict, config: dict, lengths: list, prompt: np.ndarray,
         for length in lengths:
             ids = prompt[:length].tolist()
             model.forward(ids, None)
-            start = time.perf_counter()
-            model.forward(ids, None)
-            row[f"prefill_{length}"] = length / (time.perf_counter() - start)
+            best = math.inf
+            for _ in range(repeats):
+                start = time.perf_counter()
+                model.forward(ids, None)
+                best = min(best, time.perf_counter() - start)
+            row[f"prefill_{length}"] = length / best
 
         logits, state = model.forward(prompt[:16].tolist(), None)
         token = int(torch.argmax(logits))
@@ -283,12 +316,36 @@ def print_row(row: dict, lengths: list) -> None:
     )
 
 
+def print_ratios(results: list, lengths: list) -> None:
+    """Print rwkv_mlx's figures over each other implementation's, per weight format.
+
+    Speeds are ratios of tokens/s (above 1: rwkv_mlx is faster); memory is
+    rwkv_mlx's peak over the other MLX implementation's (below 1: rwkv_mlx
+    needs less).
+    """
+    ours = {row["format"]: row for row in results if row["implementation"] == "rwkv_mlx"}
+    others = [row for row in results if row["implementation"] != "rwkv_mlx"]
+    for row in others:
+        base = ours.get(row["format"])
+        if base is None:
+            continue
+        figures = [f"prefill {n}: {base[f'prefill_{n}'] / row[f'prefill_{n}']:.2f}x" for n in lengths]
+        figures.append(f"decode: {base['decode_tps'] / row['decode_tps']:.2f}x")
+        if "train_tps" in base and "train_tps" in row:
+            figures.append(f"LoRA step: {base['train_tps'] / row['train_tps']:.2f}x")
+        if not row["implementation"].startswith("rwkv ("):
+            # The official package's figure is the resident size, not comparable.
+            figures.append(f"peak memory: {base['peak_mb'] / row['peak_mb']:.2f}")
+        print(f"rwkv_mlx / {row['implementation']} ({row['format']}): " + ", ".join(figures))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--formats", nargs="+", default=["float32", "bfloat16", "q4"])
     parser.add_argument("--lengths", nargs="+", type=int, default=[512, 4096], help="Prefill lengths in tokens.")
     parser.add_argument("--implementations", nargs="+", default=["rwkv_mlx", "mlx_lm", "official"])
     parser.add_argument("--no-train", action="store_true", help="Skip the LoRA training step.")
+    parser.add_argument("--repeats", type=int, default=3, help="Timed runs of each prefill and training step; the best counts.")
     parser.add_argument("--json", type=Path, help="Also write the results to this JSON file.")
     args = parser.parse_args()
 
@@ -307,7 +364,7 @@ def main():
     for kind in [k for k in args.implementations if k != "official"]:
         for fmt in args.formats:
             model = build_mlx_model(kind, weights, config, fmt)
-            runner = MlxRunner(kind, model)
+            runner = MlxRunner(kind, model, args.repeats)
             row = {"implementation": kind, "format": fmt}
             mx.reset_peak_memory()
             for length in args.lengths:
@@ -325,13 +382,14 @@ def main():
             gc.collect()
 
     if "official" in args.implementations:
-        run_official(weights, config, args.lengths, prompt, results, bandwidth)
+        run_official(weights, config, args.lengths, prompt, results, bandwidth, args.repeats)
+    print_ratios(results, args.lengths)
 
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         meta = {"machine": platform.platform(), "cores": os.cpu_count(), "mlx": mx.__version__,
                 "blas": rwkv_mlx._blas.loaded_library, "bandwidth_gbs": bandwidth / 1e9,
-                "date": time.strftime("%Y-%m-%d")}
+                "date": time.strftime("%Y-%m-%d"), "repeats": args.repeats}
         args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
 
 

@@ -26,6 +26,7 @@ from mlx_lm.models.base import BaseModelArgs
 from mlx_lm.models.cache import ArraysCache
 
 from ..ops import fast_math, wkv4
+from ..ops.linear import linear
 from ..ops.wkv4 import empty_state
 from .rwkv7 import token_shift
 
@@ -113,7 +114,7 @@ class ChannelMix(nn.Module):
 
         receptance = fast_math.sigmoid(self.receptance(mix(x, shifted, self.time_mix_r)))
         hidden = mx.square(nn.relu(self.key(mix(x, shifted, self.time_mix_k))))
-        return receptance * self.value(hidden * scale)
+        return receptance * linear(self.value, hidden * scale)
 
 
 class Block(nn.Module):
@@ -198,7 +199,7 @@ class Model(nn.Module):
         Returns:
             mx.array: Logits, [B, T, vocab_size].
         """
-        return self.lm_head(self.model(inputs, cache, mask))
+        return linear(self.lm_head, self.model(inputs, cache, mask))
 
     @property
     def layers(self):

@@ -28,6 +28,7 @@ from mlx_lm.models.base import BaseModelArgs
 from mlx_lm.models.cache import ArraysCache
 
 from ..ops import wkv5
+from ..ops.linear import linear
 from .rwkv4 import DEFAULT_RESCALE_EVERY, Block, ChannelMix, RwkvModel, mix
 from .rwkv7 import GroupNormPerHead, token_shift
 
@@ -144,7 +145,7 @@ class Model(nn.Module):
         Returns:
             mx.array: Logits, [B, T, vocab_size].
         """
-        return self.lm_head(self.model(inputs, cache, mask))
+        return linear(self.lm_head, self.model(inputs, cache, mask))
 
     @property
     def layers(self):

@@ -26,6 +26,7 @@ from mlx_lm.models.base import BaseModelArgs
 from mlx_lm.models.cache import ArraysCache
 
 from ..ops import fast_math, wkv6
+from ..ops.linear import linear
 from .rwkv4 import DEFAULT_RESCALE_EVERY, Block, RwkvModel
 from .rwkv5 import GROUP_NORM_EPS
 from .rwkv7 import GroupNormPerHead, token_shift
@@ -133,7 +134,7 @@ class ChannelMix(nn.Module):
         delta = shifted - x
         receptance = fast_math.sigmoid(self.receptance(x + delta * self.time_maa_r))
         hidden = mx.square(nn.relu(self.key(x + delta * self.time_maa_k)))
-        return receptance * self.value(hidden * scale)
+        return receptance * linear(self.value, hidden * scale)
 
 
 class Model(nn.Module):
@@ -162,7 +163,7 @@ class Model(nn.Module):
         Returns:
             mx.array: Logits, [B, T, vocab_size].
         """
-        return self.lm_head(self.model(inputs, cache, mask))
+        return linear(self.lm_head, self.model(inputs, cache, mask))
 
     @property
     def layers(self):

@@ -21,6 +21,7 @@ from mlx_lm.models.base import BaseModelArgs
 from mlx_lm.models.cache import ArraysCache
 
 from ..ops import fast_math, wkv7
+from ..ops.linear import linear
 
 # The decay is exp(-exp(-0.5) * sigmoid(z)): the official form
 # exp(-exp(-softplus(-z) - 0.5)) rewritten, so it lies in (exp(-0.6065), 1).
@@ -212,7 +213,7 @@ class ChannelMix(nn.Module):
             cache[2] = shift_out
 
         xk = x + (shifted - x) * self.x_k
-        return self.value(mx.square(nn.relu(self.key(xk))))
+        return linear(self.value, mx.square(nn.relu(self.key(xk))))
 
 
 class Block(nn.Module):
@@ -299,7 +300,7 @@ class Model(nn.Module):
         x = self.model(inputs, cache, mask)
         if self.args.tie_word_embeddings:
             return self.model.embeddings.as_linear(x)
-        return self.lm_head(x)
+        return linear(self.lm_head, x)
 
     @property
     def layers(self):

@@ -119,7 +119,8 @@ def _chunk_inner(r, w, k, v, a, b):
     # All four products between positions in one matrix product:
     # [a e^{g-}; r e^{g}] against [b e^{-g}; k e^{-g}].
     read = mx.concatenate([a * decay_before, r * decay_to], axis=-2)
-    write = mx.concatenate([b, k], axis=-2) * mx.concatenate([growth, growth], axis=-2)
+    b_and_k = mx.stack([b, k], axis=-3)  # [..., 2, L, N]
+    write = (b_and_k * growth[..., None, :, :]).reshape(read.shape)
     products = read @ write.swapaxes(-1, -2)
     strict = mx.tril(mx.ones((L, L), dtype=mx.bool_), k=-1)
     inclusive = mx.tril(mx.ones((L, L), dtype=mx.bool_))
@@ -134,7 +135,7 @@ def _chunk_inner(r, w, k, v, a, b):
     u_from_values = solve @ (m_ak @ v)
 
     state_readers = mx.concatenate([u_from_state, read[..., L:, :]], axis=-2)
-    to_end = mx.concatenate([b, k], axis=-2) * mx.concatenate([decay_last * growth] * 2, axis=-2)
+    to_end = (b_and_k * (decay_last * growth)[..., None, :, :]).reshape(read.shape)
     return state_readers, u_from_values, m_out, to_end, decay_last[..., 0, :]
 
 
