@@ -33,16 +33,15 @@ from .tuner.adapters import (
     DEFAULT_LORA_KEYS,
     DEFAULT_LORA_PARAMETERS,
     FINE_TUNE_TYPES,
+    STATE_FILE,
     AdapterError,
     base_fingerprint,
     load_adapters,
     prepare_for_training,
-    save_adapter_config,
-    save_tuned_state,
 )
 from .tuner.datasets import DatasetError, Features, load_datasets
 from .tuner.losses import DEFAULT_LOSS_CHUNK_SIZE
-from .tuner.trainer import TrainingArgs, evaluate, resume_from, train
+from .tuner.trainer import TrainingArgs, TrainingError, TrainingInterrupted, evaluate, resume_from, train
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--test", action="store_true", default=None, help="Print the test loss and perplexity.")
     parser.add_argument("--data", help="Folder with train.jsonl, valid.jsonl and test.jsonl, or a Hugging Face dataset repo id.")
 
-    parser.add_argument("--fine-tune-type", choices=FINE_TUNE_TYPES, help="What to train (default: lora).")
+    parser.add_argument(
+        "--fine-tune-type",
+        choices=FINE_TUNE_TYPES,
+        help=(
+            "What to train: lora or dora (adapters on the blocks' linear layers), full (every weight of the "
+            "blocks, not the embedding or the output head; float16 weights are trained in float32) or state "
+            "(the initial WKV state of every block) (default: lora)."
+        ),
+    )
     parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), help="Optimizer (default: adam).")
     parser.add_argument(
         "--mask-prompt",
@@ -121,10 +128,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="Compute the loss on completions and assistant messages only (default: on for those formats).",
     )
-    parser.add_argument("--num-layers", type=int, help="How many of the last layers to adapt; -1 for all (default).")
+    parser.add_argument("--num-layers", type=int, help="How many of the last blocks to train; -1 for all (default).")
 
     parser.add_argument("--batch-size", type=int, help="Sequences per batch (default: 4).")
-    parser.add_argument("--iters", type=int, help="Iterations to train for (default: 1000).")
+    parser.add_argument(
+        "--iters",
+        type=int,
+        help=(
+            "Total iterations (batches) to train for; with --resume-adapter-file this counts the iterations "
+            "already done, so it must be above the saved iteration (default: 1000)."
+        ),
+    )
     parser.add_argument("--val-batches", type=int, help="Validation batches per evaluation; -1 for all (default: 25).")
     parser.add_argument("--test-batches", type=int, help="Test batches; -1 for all (default: 500).")
     parser.add_argument("--learning-rate", type=float, help="Learning rate (default: 1e-5).")
@@ -133,7 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--save-every", type=int, help="Iterations between saved checkpoints (default: 100).")
     parser.add_argument("--grad-accumulation-steps", type=int, help="Batches per optimizer update (default: 1).")
 
-    parser.add_argument("--resume-adapter-file", help="Continue training from this adapters.safetensors.")
+    parser.add_argument(
+        "--resume-adapter-file",
+        help="Continue training from this adapters.safetensors, at the iteration after the one it was saved at, up to --iters.",
+    )
     parser.add_argument("--adapter-path", help="Folder to save the adapters to, or to load them from for --test (default: adapters).")
 
     parser.add_argument(
@@ -174,7 +191,7 @@ def read_yaml_config(path: str) -> Dict[str, Any]:
 def resolve_options(argv: Optional[Sequence[str]] = None) -> types.SimpleNamespace:
     """Parse the command line, merge the YAML config and the defaults, and check the result."""
     namespace = build_parser().parse_args(argv)
-    options = vars(namespace)
+    options = dict(vars(namespace))
     explicit = {key for key, value in options.items() if value is not None}
 
     if options["config"]:
@@ -194,8 +211,9 @@ def resolve_options(argv: Optional[Sequence[str]] = None) -> types.SimpleNamespa
 
     lora_parameters = {**DEFAULT_LORA_PARAMETERS, **(options["lora_parameters"] or {})}
     for flag, key in (("lora_rank", "rank"), ("lora_scale", "scale"), ("lora_dropout", "dropout")):
-        if options.pop(flag, None) is not None:
-            lora_parameters[key] = getattr(namespace, flag)
+        value = options.pop(flag, None)
+        if value is not None:
+            lora_parameters[key] = value
     if lora_parameters.get("keys") is None:
         lora_parameters["keys"] = list(DEFAULT_LORA_KEYS)
     options["lora_parameters"] = lora_parameters
@@ -283,7 +301,8 @@ def load_model_and_tokenizer(options):
 
 
 def adapter_config(options, fingerprint: str) -> Dict[str, Any]:
-    """Return the contents of adapter_config.json for a training run."""
+    """Return the contents of adapter_config.json for a training run; ``train``
+    adds the model's ``model_type`` and ``rwkv_version``."""
     config = {key: value for key, value in vars(options).items() if key not in ("config", "adapter_path_given")}
     config["base_model_fingerprint"] = fingerprint
     if options.fine_tune_type not in ("lora", "dora"):
@@ -292,7 +311,11 @@ def adapter_config(options, fingerprint: str) -> Dict[str, Any]:
 
 
 def run_training(options, model, tokenizer_name: str, train_set, valid_set) -> nn.Module:
-    """Prepare the model, train it, and save the adapters; returns the trained model."""
+    """Prepare the model, train it, and save the adapters; returns the trained model.
+
+    Nothing is written to ``--adapter-path`` before the first checkpoint, so
+    a run that fails earlier leaves an existing adapter folder unchanged.
+    """
     from .io.state import tokenizer_identity
 
     mx.random.seed(options.seed)
@@ -305,10 +328,15 @@ def run_training(options, model, tokenizer_name: str, train_set, valid_set) -> n
     start_iteration = 1
     if options.resume_adapter_file:
         start_iteration = resume_from(options.resume_adapter_file, model, optimizer)
-        print(f"Resuming from {options.resume_adapter_file} at iteration {start_iteration}")
+        done = start_iteration - 1
+        if start_iteration > options.iters:
+            raise ValueError(
+                f"--iters {options.iters} is not above iteration {done}, where {options.resume_adapter_file} "
+                f"was saved, so there is nothing to train; --iters counts every iteration, including the {done} "
+                f"already done, so pass --iters {done + options.iters} to train {options.iters} more"
+            )
 
     adapter_path = Path(options.adapter_path)
-    save_adapter_config(adapter_path, adapter_config(options, fingerprint))
     args = TrainingArgs(
         batch_size=options.batch_size,
         iters=options.iters,
@@ -325,13 +353,16 @@ def run_training(options, model, tokenizer_name: str, train_set, valid_set) -> n
         seed=options.seed,
         start_iteration=start_iteration,
     )
-    metadata = {"fine_tune_type": options.fine_tune_type, "base_model_fingerprint": fingerprint}
-    train(model, train_set, valid_set, args, optimizer=optimizer, metadata=metadata)
+    metadata = {
+        "fine_tune_type": options.fine_tune_type,
+        "base_model_fingerprint": fingerprint,
+        "tokenizer": tokenizer_identity(tokenizer_name),
+    }
+    config = adapter_config(options, fingerprint)
+    train(model, train_set, valid_set, args, optimizer=optimizer, metadata=metadata, adapter_config=config)
 
     if options.fine_tune_type == "state":
-        state_file = adapter_path / "state.safetensors"
-        save_tuned_state(state_file, model, tokenizer_identity(tokenizer_name))
-        print(f"Saved the tuned state for generate --load-state to {state_file}")
+        print(f"Saved the tuned state for generate --load-state to {adapter_path / STATE_FILE}")
     return model
 
 
@@ -380,22 +411,29 @@ def run(options) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the exit status."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    options = None
     try:
-        options = resolve_options(argv)
-        run(options)
-    except (AdapterError, CheckpointError, DatasetError, ValueError, OSError) as error:
+        run(resolve_options(argv))
+    except (AdapterError, CheckpointError, DatasetError, TrainingError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        adapter_file = Path(options.adapter_path if options else "adapters") / ADAPTER_WEIGHTS_FILE
-        print(
-            f"\ninterrupted; {adapter_file}, if saved, holds the last checkpoint; "
-            f"continue with --resume-adapter-file {adapter_file}",
-            file=sys.stderr,
-        )
+    except KeyboardInterrupt as interrupt:
+        print(f"\n{interrupt_message(interrupt)}", file=sys.stderr)
         return 130
     return 0
+
+
+def interrupt_message(interrupt: KeyboardInterrupt) -> str:
+    """Return what to do after Ctrl-C, from the files the run saved."""
+    saved = isinstance(interrupt, TrainingInterrupted) and interrupt.last_saved_iteration > 0
+    if not saved:
+        return "interrupted before the first checkpoint; nothing was saved"
+    message = (
+        f"interrupted; continue from iteration {interrupt.last_saved_iteration} with "
+        f"--resume-adapter-file {interrupt.adapter_file}"
+    )
+    if interrupt.state_file is not None:
+        message += f", or generate from its tuned state with --load-state {interrupt.state_file}"
+    return message
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from .adapters import (
     fuse_adapters,
     load_adapters,
     load_tuned_cache,
+    model_identity,
     prepare_for_training,
     save_adapter_config,
     save_tuned_state,
@@ -19,7 +20,16 @@ from .datasets import DatasetError, Example, load_datasets, load_jsonl_dataset, 
 from .lora import DoRALinear, LoRALinear
 from .losses import chunked_cross_entropy
 from .state import InitialState, StateTunedModel, make_tuned_cache
-from .trainer import TrainingArgs, TrainingHistory, evaluate, iterate_batches, resume_from, train
+from .trainer import (
+    TrainingArgs,
+    TrainingError,
+    TrainingHistory,
+    TrainingInterrupted,
+    evaluate,
+    iterate_batches,
+    resume_from,
+    train,
+)
 
 __all__ = [
     "DEFAULT_LORA_KEYS",
@@ -33,7 +43,9 @@ __all__ = [
     "LoRALinear",
     "StateTunedModel",
     "TrainingArgs",
+    "TrainingError",
     "TrainingHistory",
+    "TrainingInterrupted",
     "apply_lora_layers",
     "base_fingerprint",
     "chunked_cross_entropy",
@@ -47,6 +59,7 @@ __all__ = [
     "load_tuned_cache",
     "make_example",
     "make_tuned_cache",
+    "model_identity",
     "prepare_for_training",
     "resume_from",
     "save_adapter_config",

@@ -12,21 +12,34 @@ An adapter folder contains two files, in mlx-lm's format where it has one:
       and ``keys``, the module paths inside a layer such as ``attn.r_proj``.
       Absent or null keys mean every linear layer of the block, as in mlx-lm;
     - ``base_model_fingerprint``: ``rwkv_mlx.io.state.model_fingerprint`` of
-      the base model.
+      the base model;
+    - ``model_type`` (``rwkv4`` to ``rwkv7``) and ``rwkv_version`` (``4``,
+      ``5``, ``5.1``, ``5.2``, ``6`` or ``7``, as ``rwkv_mlx.io.state.rwkv_version``
+      gives it) of the base model. Adapters for another version are rejected;
+      folders without these fields (older ones, and mlx-lm's) load unchecked.
 
 ``adapters.safetensors``
     Exactly the trained tensors, under their names in the adapted model:
     ``...lora_a``, ``...lora_b`` (and ``...m`` for DoRA), the unfrozen layers'
     weights for ``full``, or for ``state`` ``initial_state.layers.<i>.wkv``
     [H, N, N] (RWKV-4: ``initial_state.layers.<i>.wkv_sums`` [2, C], see
-    ``rwkv_mlx.tuner.state``). The metadata records ``fine_tune_type``,
-    ``iteration`` and ``base_model_fingerprint``.
+    ``rwkv_mlx.tuner.state``). A full fine-tune of a float16 model trains and
+    saves the unfrozen weights in float32; loading casts every tensor to the
+    dtype of the parameter it replaces. The metadata records
+    ``fine_tune_type``, ``iteration``, ``base_model_fingerprint``,
+    ``model_type`` and ``rwkv_version``.
+
+``state.safetensors`` (state tuning only)
+    The tuned state as a state file for ``generate --load-state``
+    (``rwkv_mlx.io.state``), written with every save of ``adapters.safetensors``.
 
 Checkpoints saved during training sit beside it as
 ``<iteration>_adapters.safetensors`` (seven digits), and the optimizer state
 as ``optimizer.safetensors`` / ``<iteration>_optimizer.safetensors``. Every
 file is written to a temporary name and renamed into place, so an interrupted
-save leaves the previous file intact.
+save leaves the previous file intact. The trainer writes ``adapter_config.json``
+with the first saved tensors, so a run that stops before its first save leaves
+an existing folder unchanged.
 """
 
 import json
@@ -39,7 +52,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .._files import write_atomically as _write_atomically
-from ..io.state import model_fingerprint
+from ..io.state import model_fingerprint, rwkv_version
 from .lora import DoRALinear, LoRALinear, dense_weight
 from .state import InitialState, StateTunedModel
 
@@ -49,6 +62,7 @@ FINE_TUNE_TYPES = ("lora", "dora", "full", "state")
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapters.safetensors"
+STATE_FILE = "state.safetensors"
 
 # The receptance, key, value and output projections of the time mix and both
 # projections of the channel mix: the large matrices of a block, present in
@@ -83,6 +97,70 @@ def base_fingerprint(model: nn.Module) -> str:
     if any(isinstance(m, (LoRALinear, DoRALinear)) for _, m in model.named_modules()):
         raise ValueError("the model already has LoRA or DoRA layers; take the fingerprint before adding them")
     return model_fingerprint(model)
+
+
+def model_identity(model: nn.Module) -> Dict[str, str]:
+    """Return the ``model_type`` and ``rwkv_version`` that adapters record of their base model.
+
+    Args:
+        model (nn.Module): A model, with or without adapters or a tuned state.
+
+    Returns:
+        dict[str, str]: ``model_type`` (``rwkv7``) and ``rwkv_version`` (``5.2``).
+    """
+    args = getattr(model, "args", None)
+    model_type = getattr(model, "model_type", None) or getattr(args, "model_type", "")
+    return {"model_type": str(model_type), "rwkv_version": rwkv_version(model)}
+
+
+def _version_name(identity: Dict[str, Any]) -> str:
+    """Return ``RWKV-5.2`` for an identity, or its ``model_type`` when it has no version."""
+    version = identity.get("rwkv_version")
+    return f"RWKV-{version}" if version else str(identity.get("model_type"))
+
+
+def saved_identity(*sources: Optional[Dict[str, Any]]) -> Dict[str, str]:
+    """Return the ``model_type`` and ``rwkv_version`` recorded in the first
+    source that has them (safetensors metadata, adapter config); empty when none has."""
+    for source in sources:
+        found = {key: str(source[key]) for key in ("model_type", "rwkv_version") if source and source.get(key)}
+        if found:
+            return found
+    return {}
+
+
+def check_model_identity(saved: Dict[str, str], model: nn.Module, source: str) -> None:
+    """Raise AdapterError when adapters were trained on another RWKV version or model type.
+
+    Args:
+        saved (dict): ``saved_identity`` of the adapters; empty passes.
+        model (nn.Module): The model to load them onto.
+        source (str): The file, for the message.
+    """
+    if not saved:
+        return
+    current = model_identity(model)
+    if all(saved[key] == current[key] for key in saved):
+        return
+    raise AdapterError(
+        f"{source}: the adapters are for {_version_name(saved)} ({saved.get('model_type', 'model_type unknown')}), "
+        f"but the model is {_version_name(current)} ({current['model_type']}); "
+        "use the base model they were trained on"
+    )
+
+
+def shape_mismatch_hint(saved: Dict[str, str], model: nn.Module) -> str:
+    """Return the end of a shape-mismatch message: the versions, and what differs."""
+    current = _version_name(model_identity(model))
+    if not saved:
+        return (
+            "the adapters were trained on another model or with other options (rank, keys, num_layers); "
+            f"the model is {current}, and the adapters do not record their RWKV version"
+        )
+    return (
+        f"the adapters and the model are both {current}, so the adapters were trained on a model "
+        "of another size or with other options (rank, keys, num_layers)"
+    )
 
 
 def _selected_layers(model: nn.Module, num_layers: int) -> List[Tuple[int, nn.Module]]:
@@ -172,8 +250,9 @@ def prepare_for_training(
         model (nn.Module): The base model; changed in place for lora, dora and full.
         fine_tune_type (str): ``lora`` or ``dora`` (adapters on linear
             layers), ``full`` (every weight of the last ``num_layers``
-            layers) or ``state`` (the initial WKV state of the last
-            ``num_layers`` layers).
+            layers, float16 ones cast to float32 to train; the embedding
+            and the output head stay frozen) or ``state`` (the initial WKV
+            state of the last ``num_layers`` layers).
         num_layers (int): How many of the last layers to train; -1 for all.
         lora_parameters (dict, optional): For lora and dora, see
             ``apply_lora_layers``; ``keys`` defaults to ``DEFAULT_LORA_KEYS``.
@@ -195,6 +274,7 @@ def prepare_for_training(
     elif fine_tune_type == "full":
         for _, layer in selected:
             layer.unfreeze()
+            _train_in_float32(layer)
     else:
         model = StateTunedModel(model)
         chosen = {index for index, _ in selected}
@@ -202,6 +282,26 @@ def prepare_for_training(
             if index not in chosen:
                 layer_state.freeze()
     return model
+
+
+def _train_in_float32(layer: nn.Module) -> None:
+    """Cast a layer's trainable float16 weights to float32.
+
+    In float16, Adam's epsilon of 1e-8 rounds to 0, so a weight whose
+    gradient is zero gets the update 0/0 and becomes NaN after the first
+    step. Updates below float16's resolution (about 1e-3 of the weight's
+    magnitude) would also be lost. ``rwkv_mlx.tuner.trainer.forward_hidden``
+    runs the residual stream in float32 from the first such layer on.
+
+    NOTE: the model's own ``__call__`` does not rescale the stream where it
+    turns float32. For an RWKV-4, 5 or 6 float16 model whose trained layers
+    start past its first ``rescale_every`` layers, calling the trained model
+    directly gives wrong logits; ``load_adapters`` onto the base model casts
+    the weights back to float16 and is correct.
+    """
+    cast = [(name, value.astype(mx.float32)) for name, value in tree_flatten(layer.trainable_parameters()) if value.dtype == mx.float16]
+    if cast:
+        layer.load_weights(cast, strict=False)
 
 
 def trainable_weights(model: nn.Module) -> Dict[str, mx.array]:
@@ -307,9 +407,12 @@ def check_fingerprint(saved: Optional[str], model: nn.Module, fine_tune_type: st
     logger.warning("%s; the outputs may not be what was trained", message)
 
 
-def check_adapter_tensors(weights: Dict[str, mx.array], model: nn.Module, fine_tune_type: str, source: str) -> None:
+def check_adapter_tensors(
+    weights: Dict[str, mx.array], model: nn.Module, fine_tune_type: str, source: str, saved: Optional[Dict[str, str]] = None
+) -> None:
     """Raise AdapterError unless every tensor is an adapter parameter of the
-    model with the same shape."""
+    model with the same shape; ``saved`` is the adapters' ``saved_identity``,
+    named in the message."""
     parameters = dict(tree_flatten(model.parameters()))
     if fine_tune_type in ADAPTER_LEAVES:
         leaves = ADAPTER_LEAVES[fine_tune_type]
@@ -323,13 +426,20 @@ def check_adapter_tensors(weights: Dict[str, mx.array], model: nn.Module, fine_t
         if name not in allowed:
             raise AdapterError(
                 f"{source}: tensor '{name}' is not a {fine_tune_type} parameter of this model; "
-                "the adapters were made for another model or with other keys or num_layers"
+                f"{shape_mismatch_hint(saved or {}, model)}"
             )
         if tuple(value.shape) != tuple(parameters[name].shape):
             raise AdapterError(
                 f"{source}: tensor '{name}' has shape {tuple(value.shape)}, but the model's is "
-                f"{tuple(parameters[name].shape)}"
+                f"{tuple(parameters[name].shape)}; {shape_mismatch_hint(saved or {}, model)}"
             )
+
+
+def cast_to_parameters(weights: Dict[str, mx.array], model: nn.Module) -> List[Tuple[str, mx.array]]:
+    """Return the (name, tensor) pairs with each tensor cast to the dtype of
+    the model's parameter of that name (float32 full fine-tunes onto a float16 model)."""
+    parameters = dict(tree_flatten(model.parameters()))
+    return [(name, value.astype(parameters[name].dtype)) for name, value in weights.items()]
 
 
 def load_adapters(model: nn.Module, adapter_path) -> nn.Module:
@@ -353,6 +463,8 @@ def load_adapters(model: nn.Module, adapter_path) -> nn.Module:
     weights_file = adapter_path / ADAPTER_WEIGHTS_FILE
     weights, metadata = read_adapter_weights(weights_file)
     fine_tune_type = config["fine_tune_type"]
+    identity = saved_identity(metadata, config)
+    check_model_identity(identity, model, str(weights_file))
     saved_fingerprint = metadata.get("base_model_fingerprint") or config.get("base_model_fingerprint")
     check_fingerprint(saved_fingerprint, model, fine_tune_type, str(weights_file))
 
@@ -367,8 +479,8 @@ def load_adapters(model: nn.Module, adapter_path) -> nn.Module:
         model.freeze()
         model = StateTunedModel(model)
 
-    check_adapter_tensors(weights, model, fine_tune_type, str(weights_file))
-    model.load_weights(list(weights.items()), strict=False)
+    check_adapter_tensors(weights, model, fine_tune_type, str(weights_file), identity)
+    model.load_weights(cast_to_parameters(weights, model), strict=False)
     mx.eval(model.parameters())
     if not was_training:
         model.eval()
@@ -390,15 +502,18 @@ def load_tuned_cache(model: nn.Module, adapter_path, batch_size: int = 1):
     """
     adapter_path = Path(adapter_path)
     weights_file = adapter_path / ADAPTER_WEIGHTS_FILE if adapter_path.is_dir() else adapter_path
+    config = {}
     if adapter_path.is_dir():
         config = read_adapter_config(adapter_path)
         if config["fine_tune_type"] != "state":
             raise AdapterError(f"{adapter_path}: contains {config['fine_tune_type']} adapters, not a tuned state")
     weights, metadata = read_adapter_weights(weights_file)
+    identity = saved_identity(metadata, config)
+    check_model_identity(identity, model, str(weights_file))
     check_fingerprint(metadata.get("base_model_fingerprint"), model, "state", str(weights_file))
 
     tuned = StateTunedModel(model)
-    check_adapter_tensors(weights, tuned, "state", str(weights_file))
+    check_adapter_tensors(weights, tuned, "state", str(weights_file), identity)
     tuned.load_weights(list(weights.items()), strict=False)
     return tuned.initial_cache(batch_size)
 
@@ -478,12 +593,15 @@ __all__ = [
     "DEFAULT_LORA_PARAMETERS",
     "FINE_TUNE_TYPES",
     "InitialState",
+    "STATE_FILE",
     "apply_lora_layers",
     "base_fingerprint",
+    "check_model_identity",
     "dequantize_model",
     "fuse_adapters",
     "load_adapters",
     "load_tuned_cache",
+    "model_identity",
     "prepare_for_training",
     "save_adapter_config",
     "save_adapter_weights",

@@ -14,7 +14,8 @@ of three formats, detected from its first record:
     prompt directly, then the end-of-text token.
 ``{"messages": [{"role": "user", "content": "..."}, ...]}``
     A chat, rendered with the tokenizer's chat template; the loss covers
-    every assistant message, unless prompt masking is turned off.
+    every assistant message, unless prompt masking is turned off. A
+    tokenizer without a chat template (the byte-level one) rejects chats.
 
 The field names can be changed with ``text_feature``, ``prompt_feature``,
 ``completion_feature`` and ``chat_feature``, as in mlx-lm. Every error names
@@ -32,6 +33,9 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "valid", "test")
+
+# The name of each record format in messages: "read 16 completion records".
+FORMAT_NAMES = {"text": "text", "completions": "completion", "chat": "chat"}
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
@@ -133,7 +137,9 @@ def read_jsonl(path: Path) -> List[Tuple[int, Dict[str, Any]]]:
                 raise DatasetError(f"{path}:{number}: expected a JSON object, found a JSON {type(record).__name__}")
             records.append((number, record))
     if not records:
-        raise DatasetError(f"{path}: the file has no records; add one JSON object per line or remove the file")
+        # Only valid.jsonl is optional (see load_datasets).
+        remedy = ", or remove the file to train without validation" if Path(path).stem == "valid" else ""
+        raise DatasetError(f"{path}: the file has no records; add one JSON object per line{remedy}")
     return records
 
 
@@ -261,7 +267,12 @@ def tokenize_record(
 
     messages = _check_messages(record[features.chat], features.chat, where)
     if not has_template:
-        raise DatasetError(f"{where}: chat records need a tokenizer with a chat template (apply_chat_template)")
+        raise DatasetError(
+            f"{where}: chat records need a tokenizer with a chat template, and this tokenizer has none; use "
+            f"'{features.text}' or '{features.prompt}'/'{features.completion}' records instead, or a tokenizer with a "
+            "chat template (--tokenizer DIR, where DIR holds tokenizer.json and a tokenizer_config.json with a "
+            "'chat_template')"
+        )
     if mask_prompt and not any(m["role"] == "assistant" for m in messages):
         raise DatasetError(f"{where}: the chat has no assistant message, so no token would count in the loss")
     return _tokenize_chat(tokenizer, messages, mask_prompt)
@@ -320,7 +331,7 @@ def load_jsonl_dataset(
         found = record_format(record, features)
         if found != kind:
             raise DatasetError(
-                f"{where}: expected a {kind} record with {features.describe(kind)} like line {first_line}, "
+                f"{where}: expected a {FORMAT_NAMES[kind]} record with {features.describe(kind)} like line {first_line}, "
                 f"found fields {_field_list(record)}"
             )
         try:
@@ -336,10 +347,22 @@ def load_jsonl_dataset(
                 f"{max_tokens_hint}; split it into several records"
             )
         if example.trained_tokens == 0:
-            raise DatasetError(f"{where}: no token of the record counts in the loss (is the completion empty?)")
+            raise DatasetError(f"{where}: {_untrained_reason(kind, len(example))}")
         examples.append(example)
-    logger.info("read %d %s records from %s", len(examples), kind, path)
+    logger.info("read %d %s records from %s", len(examples), FORMAT_NAMES[kind], path)
     return TokenizedDataset(examples, path, kind)
+
+
+def _untrained_reason(kind: str, length: int) -> str:
+    """Return why no token of a record counts in the loss, and what to do."""
+    if kind == "text":
+        return (
+            f"the text tokenizes to {length} token{'' if length == 1 else 's'}, and training needs at least 2, "
+            "because every token is predicted from the ones before it; make the text longer or remove the record"
+        )
+    if kind == "completions":
+        return "no token of the completion counts in the loss; give the record a completion that is not empty"
+    return "no token of an assistant message counts in the loss; give the chat an assistant message that is not empty"
 
 
 def _find_split_files(folder: Path) -> Dict[str, Path]:

@@ -6,6 +6,9 @@ WKV state of every layer) that the previous chunk ended with, with the
 gradient stopped there, so memory depends on the chunk length and not on the
 sequence length. The gradients of all chunks of a batch are summed before the
 optimizer step, and the loss is the mean over every trained token of the batch.
+
+Training stops with ``TrainingError`` at the first iteration whose loss or
+updated weights are not finite, before anything of that iteration is saved.
 """
 
 import json
@@ -24,11 +27,20 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from mlx_lm.models.cache import ArraysCache
 
 from ..models import rwkv7
+from ..models.rwkv4 import residual_scale
 from .adapters import (
+    STATE_FILE,
     AdapterError,
+    cast_to_parameters,
+    check_model_identity,
+    model_identity,
     read_adapter_weights,
+    save_adapter_config,
     save_adapter_weights,
     save_safetensors,
+    save_tuned_state,
+    saved_identity,
+    shape_mismatch_hint,
     trainable_weights,
     write_atomically,
 )
@@ -43,6 +55,33 @@ logger = logging.getLogger(__name__)
 PAD_MULTIPLE = 32
 
 LayerState = Tuple[mx.array, mx.array, mx.array]
+
+# Whether plot_losses has already warned that matplotlib is missing.
+_warned_no_matplotlib = False
+
+
+class TrainingError(RuntimeError):
+    """Training diverged: a loss or an updated weight is NaN or infinite.
+    The message names the iteration and what to change."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training was interrupted (Ctrl-C); the saved files are those of ``last_saved_iteration``.
+
+    Attributes:
+        iteration (int): The iteration that was running.
+        last_saved_iteration (int): The last iteration saved by this run; 0 when none.
+        adapter_file (Path | None): The file with the last saved tensors.
+        state_file (Path | None): The tuned state for ``generate --load-state``
+            saved with them (state tuning only).
+    """
+
+    def __init__(self, message: str, iteration: int, last_saved_iteration: int, adapter_file, state_file):
+        super().__init__(message)
+        self.iteration = iteration
+        self.last_saved_iteration = last_saved_iteration
+        self.adapter_file = adapter_file
+        self.state_file = state_file
 
 
 @dataclass
@@ -65,7 +104,9 @@ class TrainingArgs:
     loss_chunk_size: int = field(default=DEFAULT_LOSS_CHUNK_SIZE, metadata={"help": "Tokens per chunk of logits."})
     max_grad_norm: Optional[float] = field(default=None, metadata={"help": "Clip the gradient to this norm."})
     seed: int = field(default=0, metadata={"help": "Seed of the batch order and of dropout."})
-    start_iteration: int = field(default=1, metadata={"help": "First iteration; above 1 when resuming."})
+    start_iteration: int = field(
+        default=1, metadata={"help": "First iteration; above 1 when resuming, and at most iters."}
+    )
 
 
 @dataclass
@@ -212,9 +253,25 @@ def forward_hidden(
     v_first = None
     new_states = []
     for layer, state in zip(inner.layers, states):
+        x = _stream_for(layer, x)
         x, v_first, state = run(layer, x, v_first, state)
         new_states.append(state)
     return inner.norm(x), new_states
+
+
+def _stream_for(layer: nn.Module, x: mx.array) -> mx.array:
+    """Return the residual stream in the dtype that ``layer`` computes in.
+
+    A full fine-tune trains a float16 model's last layers in float32
+    (``prepare_for_training``). From the first such layer on, the stream
+    continues in float32. RWKV-4, 5 and 6 blocks scale a float16 stream down
+    every ``rescale_every`` layers and a float32 stream not at all, so the
+    stream is scaled back up as it changes dtype.
+    """
+    if x.dtype != mx.float16 or layer.attn_norm.weight.dtype != mx.float32:
+        return x
+    scale = residual_scale(layer.layer_idx, mx.float16, getattr(layer, "rescale_every", 0))
+    return x.astype(mx.float32) / scale
 
 
 def _head_module(model: nn.Module) -> nn.Module:
@@ -414,9 +471,15 @@ def resume_from(adapter_file, model: nn.Module, optimizer: Optional[optim.Optimi
     Returns:
         int: The iteration to continue at: one after the saved one, or 1 when
         the file does not record it.
+
+    Raises:
+        AdapterError: When the file records another RWKV version or model
+            type than the model's, or its tensors do not match what the model trains.
     """
     adapter_file = Path(adapter_file)
     weights, metadata = read_adapter_weights(adapter_file)
+    identity = saved_identity(metadata)
+    check_model_identity(identity, model, str(adapter_file))
     trainable = trainable_weights(model)
     unexpected = sorted(set(weights) - set(trainable))
     missing = sorted(set(trainable) - set(weights))
@@ -430,9 +493,10 @@ def resume_from(adapter_file, model: nn.Module, optimizer: Optional[optim.Optimi
     for name, value in weights.items():
         if tuple(value.shape) != tuple(trainable[name].shape):
             raise AdapterError(
-                f"{adapter_file}: tensor '{name}' has shape {tuple(value.shape)}, expected {tuple(trainable[name].shape)}"
+                f"{adapter_file}: tensor '{name}' has shape {tuple(value.shape)}, expected "
+                f"{tuple(trainable[name].shape)}; {shape_mismatch_hint(identity, model)}"
             )
-    model.load_weights(list(weights.items()), strict=False)
+    model.load_weights(cast_to_parameters(weights, model), strict=False)
     mx.eval(model.parameters())
 
     iteration = int(metadata.get("iteration", 0) or 0)
@@ -456,15 +520,19 @@ def plot_losses(history: TrainingHistory, path: Path) -> bool:
     """Draw the training and validation losses to a PNG file.
 
     Returns:
-        bool: False, with a warning, when matplotlib is not installed.
+        bool: False when matplotlib is not installed; the first such call of
+        the process logs a warning.
     """
+    global _warned_no_matplotlib
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        logger.warning("matplotlib is not installed, so no loss plot was written (pip install matplotlib)")
+        if not _warned_no_matplotlib:
+            logger.warning("matplotlib is not installed, so no loss plot is written (pip install matplotlib)")
+            _warned_no_matplotlib = True
         return False
 
     figure, axes = plt.subplots(figsize=(7, 4))
@@ -499,14 +567,18 @@ def _clip(grads, max_norm: Optional[float]):
 class _TrainingRun:
     """One call of ``train``: the optimizer steps, reports, validations and checkpoints."""
 
-    def __init__(self, model, args: TrainingArgs, optimizer, valid_examples, training_callback, metadata):
+    def __init__(self, model, args: TrainingArgs, optimizer, valid_examples, training_callback, metadata, adapter_config):
         self.model = model
         self.args = args
         self.optimizer = optimizer
         self.valid_examples = valid_examples
         self.training_callback = training_callback
         self.metadata = metadata
+        self.adapter_config = adapter_config
         self.adapter_file = Path(args.adapter_file) if args.adapter_file else None
+        self.state_file = None
+        if self.adapter_file is not None and isinstance(model, StateTunedModel):
+            self.state_file = self.adapter_file.parent / STATE_FILE
         self.history = TrainingHistory()
         self.value_and_grad = nn.value_and_grad(model, sequence_loss)
         self.progress = _make_progress(args.iters, args.start_iteration - 1)
@@ -522,6 +594,8 @@ class _TrainingRun:
         args = self.args
         tic = time.perf_counter()
         loss, count, grads = batch_loss_and_grad(self.model, batch, args, self.value_and_grad)
+        if not math.isfinite(loss):
+            raise self.diverged(iteration, f"the training loss is {loss}")
         if args.grad_accumulation_steps > 1:
             grads = tree_map(lambda g: g / args.grad_accumulation_steps, grads)
         if self.accumulated is None:
@@ -535,12 +609,33 @@ class _TrainingRun:
                 self.model.initial_state.constrain()
             self.accumulated = None
             mx.eval(self.model.parameters(), self.optimizer.state)
+            if not _all_finite(self.model.trainable_parameters()):
+                raise self.diverged(iteration, "the optimizer update made some weights NaN or infinite")
 
         self.elapsed += time.perf_counter() - tic
         self.losses += loss
         self.tokens += count
         self.steps += 1
         self.progress.update(1)
+
+    def diverged(self, iteration: int, problem: str) -> TrainingError:
+        """Return the error for a loss or weights that are not finite at ``iteration``."""
+        last = self.history.last_saved_iteration
+        if last:
+            last_checkpoint = f"the last checkpoint, iteration {last} in {self.adapter_file}, is unchanged"
+        else:
+            last_checkpoint = "no checkpoint of this run was saved"
+        remedy = f"Lower the learning rate (it is {self.optimizer.learning_rate.item():.3g})"
+        if any(value.dtype == mx.float16 for _, value in tree_flatten(self.model.parameters())):
+            # float16's range ends at 65504, and activations of a trained model can leave it.
+            remedy += (
+                ", or train a float32 or bfloat16 copy of the model "
+                "(python -m rwkv_mlx.convert --dtype float32, or --dtype bfloat16)"
+            )
+        return TrainingError(
+            f"training diverged at iteration {iteration}: {problem}. Nothing of this iteration was saved, "
+            f"and {last_checkpoint}. {remedy}"
+        )
 
     def report(self, iteration: int) -> None:
         """Report the mean training loss and the speed since the last report."""
@@ -587,16 +682,72 @@ class _TrainingRun:
             self.training_callback.on_val_loss_report({"iteration": iteration, "val_loss": loss, "val_time": seconds})
 
     def save(self, iteration: int) -> None:
-        """Save the trained tensors, a numbered checkpoint and the loss history."""
+        """Save the trained tensors, a numbered checkpoint, the loss history
+        and, for state tuning, the state file.
+
+        The first save also creates the folder and writes the adapter config.
+        """
         if self.adapter_file is None:
             return
+        folder = self.adapter_file.parent
+        if not self.history.last_saved_iteration:
+            folder.mkdir(parents=True, exist_ok=True)
+            if self.adapter_config is not None:
+                save_adapter_config(folder, self.adapter_config)
+
         save_checkpoint(self.adapter_file, self.model, self.optimizer, iteration, self.metadata)
         checkpoint = self.adapter_file.with_name(f"{iteration:07d}_{self.adapter_file.name}")
         save_checkpoint(checkpoint, self.model, self.optimizer, iteration, self.metadata)
+        if self.state_file is not None:
+            save_tuned_state(self.state_file, self.model, self.metadata.get("tokenizer"))
         self.history.last_saved_iteration = iteration
         text = json.dumps(self.history.to_dict())
-        write_atomically(self.adapter_file.parent / "loss_history.json", lambda f: f.write(text.encode()))
+        write_atomically(folder / "loss_history.json", lambda f: f.write(text.encode()))
         self.progress.write(f"Iter {iteration}: saved the trained tensors to {self.adapter_file} and {checkpoint.name}")
+
+    def interrupted(self, iteration: int) -> TrainingInterrupted:
+        """Log and return the interruption at ``iteration``, naming the last saved files."""
+        last = self.history.last_saved_iteration
+        if self.adapter_file is None:
+            saved = "nothing is saved without an adapter_file"
+        elif not last:
+            saved = "it stopped before the first checkpoint, so nothing was saved"
+        else:
+            saved = f"the last checkpoint is iteration {last} in {self.adapter_file}"
+            if self.state_file is not None:
+                saved += f", with its tuned state in {self.state_file}"
+        message = f"training interrupted at iteration {iteration}; {saved}"
+        logger.warning(message)
+        return TrainingInterrupted(message, iteration, last, self.adapter_file, self.state_file)
+
+
+def _all_finite(tree) -> bool:
+    """Return whether every array of a parameter tree is free of NaN and infinity."""
+    flags = [mx.isfinite(value).all() for _, value in tree_flatten(tree)]
+    return not flags or bool(mx.stack(flags).all().item())
+
+
+def _check_training_inputs(model: nn.Module, train_examples, valid_examples, args: TrainingArgs) -> None:
+    """Raise ValueError for data, options or a model that cannot be trained,
+    before anything is written."""
+    check_vocabulary(model, train_examples + valid_examples)
+    untrained = [example.source or f"example {i}" for i, example in enumerate(train_examples) if example.trained_tokens == 0]
+    if untrained:
+        raise ValueError(f"{untrained[0]}: no token of the example counts in the loss; check its loss_mask")
+    if len(train_examples) < args.batch_size:
+        raise ValueError(
+            f"the training data has {len(train_examples)} records, fewer than the batch size {args.batch_size}; "
+            "lower the batch size or add records"
+        )
+    if args.grad_accumulation_steps < 1:
+        raise ValueError(f"grad_accumulation_steps must be at least 1, got {args.grad_accumulation_steps}")
+    if args.start_iteration > args.iters:
+        raise ValueError(
+            f"start_iteration {args.start_iteration} is above iters {args.iters}, so there is nothing to train; "
+            "iters counts every iteration, including those before start_iteration"
+        )
+    if not tree_flatten(model.trainable_parameters()):
+        raise ValueError("the model has no trainable parameters; prepare it with prepare_for_training or unfreeze it")
 
 
 def train(
@@ -607,12 +758,15 @@ def train(
     optimizer: Optional[optim.Optimizer] = None,
     training_callback=None,
     metadata: Optional[Dict[str, Any]] = None,
+    adapter_config: Optional[Dict[str, Any]] = None,
 ) -> TrainingHistory:
     """Train the model's trainable parameters.
 
     Whatever is unfrozen is trained: use ``prepare_for_training`` for LoRA,
     DoRA, state tuning or a full fine-tune, or unfreeze a freshly built model
-    to train it from scratch.
+    to train it from scratch. The data and options are checked before anything
+    is written, and the folder of ``args.adapter_file`` is created and written
+    at the first save only, so a run that fails earlier leaves it as it was.
 
     Args:
         model (nn.Module): An RWKV-4, 5, 6 or 7 model.
@@ -624,26 +778,28 @@ def train(
         training_callback (optional): An object with mlx-lm's
             ``on_train_loss_report(info)`` and ``on_val_loss_report(info)``.
         metadata (dict, optional): Stored in every saved file (for example
-            ``fine_tune_type`` and ``base_model_fingerprint``).
+            ``fine_tune_type`` and ``base_model_fingerprint``), together with
+            the model's ``model_type`` and ``rwkv_version``. Its ``tokenizer``
+            (a ``tokenizer_identity``) also goes into the state file.
+        adapter_config (dict, optional): Written as ``adapter_config.json``
+            beside ``args.adapter_file`` with the first save, together with
+            the model's ``model_type`` and ``rwkv_version``.
 
     Returns:
         TrainingHistory: The reported losses. The trained tensors are in
         ``args.adapter_file`` every ``args.steps_per_save`` iterations and at
-        the end.
+        the end. For a ``StateTunedModel`` each save also writes the tuned
+        state to ``state.safetensors`` beside it, for ``generate --load-state``.
 
     Raises:
-        KeyboardInterrupt: Passed on after logging which checkpoint is the last one.
+        ValueError: For data or options that cannot be trained.
+        TrainingError: When a training loss or the updated weights are NaN or
+            infinite; that iteration is not saved.
+        TrainingInterrupted: On KeyboardInterrupt, after logging which checkpoint is the last one.
     """
     train_examples = [as_example(item, i) for i, item in enumerate(train_set)]
     valid_examples = [as_example(item, i) for i, item in enumerate(valid_set or [])]
-    check_vocabulary(model, train_examples + valid_examples)
-    untrained = [example.source or f"example {i}" for i, example in enumerate(train_examples) if example.trained_tokens == 0]
-    if untrained:
-        raise ValueError(f"{untrained[0]}: no token of the example counts in the loss; check its loss_mask")
-    if args.grad_accumulation_steps < 1:
-        raise ValueError(f"grad_accumulation_steps must be at least 1, got {args.grad_accumulation_steps}")
-    if not tree_flatten(model.trainable_parameters()):
-        raise ValueError("the model has no trainable parameters; prepare it with prepare_for_training or unfreeze it")
+    _check_training_inputs(model, train_examples, valid_examples, args)
     if args.grad_checkpoint and any(getattr(m, "p", 0) > 0 for _, m in model.named_modules() if isinstance(m, nn.Dropout)):
         # NOTE: the recomputed block draws new dropout masks, so its gradient
         # does not match the forward pass exactly.
@@ -651,16 +807,17 @@ def train(
 
     optimizer = optimizer or optim.Adam(learning_rate=args.learning_rate)
     mx.random.seed(args.seed)
-    if args.adapter_file:
-        Path(args.adapter_file).parent.mkdir(parents=True, exist_ok=True)
-    run = _TrainingRun(model, args, optimizer, valid_examples, training_callback, dict(metadata or {}))
+    identity = model_identity(model)
+    metadata = {**(metadata or {}), **identity}
+    if adapter_config is not None:
+        adapter_config = {**adapter_config, **identity}
+    run = _TrainingRun(model, args, optimizer, valid_examples, training_callback, metadata, adapter_config)
     batches = iterate_batches(train_examples, args.batch_size, loop=True, seed=args.seed, skip=args.start_iteration - 1)
 
     model.train()
     iteration = args.start_iteration - 1
     try:
-        if args.start_iteration <= args.iters:
-            run.validate(args.start_iteration - 1)
+        run.validate(args.start_iteration - 1)
         for iteration in range(args.start_iteration, args.iters + 1):
             run.step(next(batches), iteration)
             if iteration % args.steps_per_report == 0 or iteration == args.iters:
@@ -671,11 +828,9 @@ def train(
                 run.save(iteration)
     except KeyboardInterrupt:
         run.progress.close()
-        last = run.history.last_saved_iteration
-        where = f"iteration {last} in {run.adapter_file}" if last else "no iteration of this run"
-        logger.warning("training interrupted at iteration %d; the last saved tensors are from %s", iteration, where)
-        raise
-    run.progress.close()
+        raise run.interrupted(iteration) from None
+    finally:
+        run.progress.close()
 
     if run.adapter_file is not None:
         plot_losses(run.history, run.adapter_file.parent / "loss.png")

@@ -2,6 +2,7 @@
 tuning, and compatibility with mlx-lm's adapter folders."""
 
 import json
+import re
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -29,7 +30,15 @@ from rwkv_mlx.tuner import (
     prepare_for_training,
     save_tuned_state,
 )
-from tuner_helpers import LORA_PARAMETERS, all_weights, base_name, quantize_for_test, randomize_trainable, tiny_model, train_steps
+from tuner_helpers import (
+    LORA_PARAMETERS,
+    all_weights,
+    base_name,
+    quantize_for_test,
+    randomize_trainable,
+    tiny_model,
+    train_steps,
+)
 
 IDS = mx.array(np.random.default_rng(0).integers(1, 256, (2, 24)))
 
@@ -260,8 +269,12 @@ def test_adapter_shape_mismatch(tmp_path):
     config["lora_parameters"]["rank"] = 8
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
 
-    with pytest.raises(AdapterError, match=r"lora_[ab]' has shape \((4, 64|64, 4)\), but the model's is \((8, 64|64, 8)\)"):
+    with pytest.raises(AdapterError) as error:
         load_adapters(tiny_model(), tmp_path)
+
+    message = str(error.value)
+    assert re.search(r"lora_[ab]' has shape \((4, 64|64, 4)\), but the model's is \((8, 64|64, 8)\)", message)
+    assert "the adapters and the model are both RWKV-7, so the adapters were trained on a model of another size" in message
 
 
 def test_truncated_adapter_file(tmp_path):

@@ -1,6 +1,7 @@
 """``python -m rwkv_mlx.lora`` and ``python -m rwkv_mlx.fuse`` on a tiny model directory."""
 
 import json
+import logging
 import os
 import re
 import signal
@@ -12,6 +13,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 
 from random_models import TINY_CONFIG
 from rwkv_mlx import fuse as fuse_cli
@@ -148,17 +150,19 @@ def test_nothing_to_do(model_dir, data_dir, capsys):
     assert "nothing to do" in capsys.readouterr().err
 
 
-def test_resume_flag_continues(tmp_path, model_dir, data_dir, capsys):
+def test_resume_flag_continues(tmp_path, model_dir, data_dir, capsys, caplog):
     adapters = tmp_path / "adapters"
     lora_cli.main(train_argv(model_dir, data_dir, adapters))
     capsys.readouterr()
 
-    status = lora_cli.main(
-        train_argv(model_dir, data_dir, tmp_path / "more", "--resume-adapter-file", str(adapters / "0000003_adapters.safetensors"))
-    )
+    with caplog.at_level(logging.INFO):
+        status = lora_cli.main(
+            train_argv(model_dir, data_dir, tmp_path / "more", "--resume-adapter-file", str(adapters / "0000003_adapters.safetensors"))
+        )
 
     assert status == 0
-    assert "at iteration 4" in capsys.readouterr().out
+    output = capsys.readouterr().out + caplog.text
+    assert output.count("at iteration 4") == 1
     _, metadata = mx.load(str(tmp_path / "more" / "adapters.safetensors"), return_metadata=True)
     assert metadata["iteration"] == "6"
 
@@ -224,3 +228,166 @@ def test_fuse_rejects_state(tmp_path, model_dir, data_dir, capsys):
 
     assert status == 1
     assert "a tuned state has no weights to fuse" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flag, value, key",
+    [("--lora-rank", "4", "rank"), ("--lora-scale", "8.5", "scale"), ("--lora-dropout", "0.25", "dropout")],
+)
+def test_lora_flag_reaches_adapter_config(tmp_path, model_dir, data_dir, flag, value, key):
+    adapters = tmp_path / "adapters"
+
+    status = lora_cli.main(train_argv(model_dir, data_dir, adapters, flag, value, "--iters", "1", "--save-every", "1"))
+
+    config = json.loads((adapters / "adapter_config.json").read_text())
+    assert status == 0
+    assert config["lora_parameters"][key] == float(value)
+    assert "lora_rank" not in config
+
+
+def test_lora_rank_flag_sets_tensor_shapes(tmp_path, model_dir, data_dir):
+    adapters = tmp_path / "adapters"
+
+    lora_cli.main(train_argv(model_dir, data_dir, adapters, "--lora-rank", "3", "--iters", "1", "--save-every", "1"))
+
+    lora_a = mx.load(str(adapters / "adapters.safetensors"))["model.layers.0.attn.r_proj.lora_a"]
+    assert lora_a.shape == (TINY_CONFIG["hidden_size"], 3)
+
+
+def test_diverged_run_exits_with_error(tmp_path, model_dir, data_dir, capsys):
+    adapters = tmp_path / "adapters"
+    # The first update of 1e30 leaves finite weights so large that the
+    # second iteration's loss is NaN.
+    argv = train_argv(model_dir, data_dir, adapters, "--learning-rate", "1e30", "--save-every", "1", "--iters", "4")
+
+    status = lora_cli.main(argv)
+
+    err = capsys.readouterr().err
+    assert status == 1
+    assert "training diverged at iteration 2: the training loss is nan" in err
+    assert f"the last checkpoint, iteration 1 in {adapters / 'adapters.safetensors'}, is unchanged" in err
+    assert "Lower the learning rate (it is 1e+30)" in err
+    assert "Traceback" not in err
+    weights, metadata = mx.load(str(adapters / "adapters.safetensors"), return_metadata=True)
+    assert metadata["iteration"] == "1"
+    assert all(mx.isfinite(value).all().item() for value in weights.values())
+    assert not (adapters / "0000002_adapters.safetensors").exists()
+
+
+def test_full_fine_tune_of_float16_model(tmp_path, data_dir):
+    model_dir = tmp_path / "model16"
+    save_model(model_dir, tiny_model(dtype=mx.float16), dict(TINY_CONFIG))
+    adapters = tmp_path / "adapters"
+
+    status = lora_cli.main(train_argv(model_dir, data_dir, adapters, "--fine-tune-type", "full", "--learning-rate", "1e-3"))
+
+    assert status == 0
+    saved = mx.load(str(adapters / "adapters.safetensors"))
+    assert {value.dtype for value in saved.values()} == {mx.float32}
+    assert all(mx.isfinite(value).all().item() for value in saved.values())
+    base = load_model(str(model_dir))[0]
+    before = base(IDS)
+    tuned = load_adapters(base, adapters)
+    assert {value.dtype for _, value in tree_flatten(tuned.parameters())} == {mx.float16}
+    assert mx.isfinite(tuned(IDS)).all().item()
+    assert mx.abs(tuned(IDS) - before).max().item() > 1e-3
+
+
+def failing_data(data_dir):
+    """Records whose World tokens fall outside the tiny model's byte vocabulary."""
+    write_jsonl(data_dir / "train.jsonl", [{"text": "alpha beta gamma delta"}] * 4)
+
+
+def test_failed_run_leaves_adapter_folder(tmp_path, model_dir, data_dir, capsys):
+    adapters = tmp_path / "adapters"
+    assert lora_cli.main(train_argv(model_dir, data_dir, adapters)) == 0
+    before = {path.name: path.read_bytes() for path in adapters.iterdir()}
+    failing_data(data_dir)
+    capsys.readouterr()
+
+    status = lora_cli.main(train_argv(model_dir, data_dir, adapters, "--fine-tune-type", "state", "--tokenizer", "world"))
+
+    assert status == 1
+    assert "outside the model's vocabulary" in capsys.readouterr().err
+    assert {path.name: path.read_bytes() for path in adapters.iterdir()} == before
+    load_adapters(load_model(str(model_dir))[0], adapters)
+
+
+def test_failed_run_creates_no_folder(tmp_path, model_dir, data_dir):
+    failing_data(data_dir)
+
+    status = lora_cli.main(train_argv(model_dir, data_dir, tmp_path / "new" / "adapters", "--tokenizer", "world"))
+
+    assert status == 1
+    assert not (tmp_path / "new").exists()
+
+
+def test_resume_with_iters_not_above_saved(tmp_path, model_dir, data_dir, capsys):
+    adapters = tmp_path / "adapters"
+    lora_cli.main(train_argv(model_dir, data_dir, adapters))
+    before = {path.name: path.read_bytes() for path in adapters.iterdir()}
+    capsys.readouterr()
+
+    status = lora_cli.main(
+        train_argv(model_dir, data_dir, adapters, "--resume-adapter-file", str(adapters / "adapters.safetensors"))
+    )
+
+    err = capsys.readouterr().err
+    assert status == 1
+    assert "--iters 6 is not above iteration 6" in err
+    assert "pass --iters 12 to train 6 more" in err
+    assert {path.name: path.read_bytes() for path in adapters.iterdir()} == before
+
+
+def test_help_explains_iters_and_full(capsys):
+    with pytest.raises(SystemExit):
+        lora_cli.main(["--help"])
+
+    text = " ".join(capsys.readouterr().out.split())
+    assert "this counts the iterations already done" in text
+    assert "not the embedding or the output head" in text
+
+
+def interrupt_at(monkeypatch, iteration):
+    """Make the trainer raise KeyboardInterrupt, as Ctrl-C does, when it reports ``iteration``."""
+    from rwkv_mlx.tuner import trainer
+
+    report = trainer._TrainingRun.report
+
+    def interrupting_report(run, reported):
+        report(run, reported)
+        if reported == iteration:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer._TrainingRun, "report", interrupting_report)
+
+
+def test_interrupted_state_tuning_keeps_state_file(tmp_path, model_dir, data_dir, capsys, monkeypatch):
+    adapters = tmp_path / "adapters"
+    interrupt_at(monkeypatch, 3)
+    argv = train_argv(model_dir, data_dir, adapters, "--fine-tune-type", "state", "--steps-per-report", "1", "--save-every", "2")
+
+    status = lora_cli.main(argv)
+
+    err = capsys.readouterr().err
+    assert status == 130
+    assert f"--resume-adapter-file {adapters / 'adapters.safetensors'}" in err
+    assert f"--load-state {adapters / 'state.safetensors'}" in err
+    base = load_model(str(model_dir))[0]
+    cache, metadata = load_state(adapters / "state.safetensors", base)
+    tuned = load_adapters(load_model(str(model_dir))[0], adapters)
+    assert metadata["tokenizer"] == "bytes"
+    assert mx.abs(base(IDS, cache=cache) - tuned(IDS)).max().item() <= 1e-5
+
+
+def test_interrupt_before_first_save(tmp_path, model_dir, data_dir, capsys, monkeypatch):
+    adapters = tmp_path / "adapters"
+    interrupt_at(monkeypatch, 1)
+
+    status = lora_cli.main(train_argv(model_dir, data_dir, adapters, "--steps-per-report", "1"))
+
+    err = capsys.readouterr().err
+    assert status == 130
+    assert "nothing was saved" in err
+    assert "--resume-adapter-file" not in err
+    assert not adapters.exists()

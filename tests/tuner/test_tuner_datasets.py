@@ -180,8 +180,47 @@ def test_completions_with_template_method_but_no_template(tmp_path):
 def test_chat_needs_template(tmp_path):
     path = write_jsonl(tmp_path / "train.jsonl", [{"messages": [{"role": "assistant", "content": "x"}]}])
 
-    with pytest.raises(DatasetError, match="chat template"):
+    with pytest.raises(DatasetError) as error:
         load_jsonl_dataset(path, PlainTokenizer())
+
+    message = str(error.value)
+    assert "chat records need a tokenizer with a chat template, and this tokenizer has none" in message
+    assert "use 'text' or 'prompt'/'completion' records instead" in message
+    assert "--tokenizer DIR" in message
+
+
+@pytest.mark.parametrize("split, remedy", [("train", False), ("test", False), ("valid", True)])
+def test_empty_file_advice_fits_split(tmp_path, tokenizer, split, remedy):
+    path = tmp_path / f"{split}.jsonl"
+    path.write_text("\n")
+
+    with pytest.raises(DatasetError) as error:
+        load_jsonl_dataset(path, tokenizer)
+
+    assert f"{path}: the file has no records; add one JSON object per line" in str(error.value)
+    assert ("remove the file" in str(error.value)) == remedy
+
+
+def test_one_token_text_rejected(tmp_path, tokenizer):
+    # The text is the end-of-text token alone, so none is appended.
+    path = write_jsonl(tmp_path / "train.jsonl", [{"text": "fine"}, {"text": "\u0000"}])
+
+    with pytest.raises(DatasetError) as error:
+        load_jsonl_dataset(path, tokenizer)
+
+    message = str(error.value)
+    assert f"{path}:2: the text tokenizes to 1 token, and training needs at least 2" in message
+    assert "make the text longer or remove the record" in message
+    assert "completion" not in message
+
+
+def test_record_count_logged_with_format_name(tmp_path, tokenizer, caplog):
+    path = write_jsonl(tmp_path / "train.jsonl", [{"prompt": "Q", "completion": "A"}] * 2)
+
+    with caplog.at_level(logging.INFO):
+        load_jsonl_dataset(path, tokenizer)
+
+    assert f"read 2 completion records from {path}" in caplog.text
 
 
 def test_folder_splits(tmp_path, tokenizer, caplog):

@@ -1,6 +1,8 @@
 """Fine-tuning RWKV-4, 5.0, 5.1, 5.2 and 6 models: LoRA, DoRA, QLoRA, full
 fine-tunes and state tuning, their adapter folders and tuned states."""
 
+import re
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -170,9 +172,10 @@ def test_state_from_other_version_rejected(tmp_path, trained_on, loaded_on):
     model = prepare_for_training(older_model(trained_on), "state")
     train_steps(model, tmp_path, examples=pattern_examples(), iters=1, fine_tune_type="state", fingerprint=base_fingerprint(older_model(trained_on)))
 
-    with pytest.raises(AdapterError, match="trained on a base model with fingerprint"):
+    message = rf"the adapters are for RWKV-{re.escape(trained_on)} \(rwkv{trained_on[0]}\), but the model is RWKV-{re.escape(loaded_on)} "
+    with pytest.raises(AdapterError, match=message):
         load_adapters(older_model(loaded_on), tmp_path)
-    with pytest.raises(AdapterError, match="trained on a base model with fingerprint"):
+    with pytest.raises(AdapterError, match=message):
         load_tuned_cache(older_model(loaded_on), tmp_path)
 
 
@@ -186,13 +189,20 @@ def test_rwkv4_state_from_other_weights_rejected(tmp_path):
 
 
 def test_state_of_other_layout_rejected(tmp_path):
-    # A state adapter whose fingerprint was not recorded still cannot load
-    # onto a model whose state has another layout.
+    # A state adapter that records neither its fingerprint nor its version
+    # still cannot load onto a model whose state has another layout.
     model = prepare_for_training(older_model("4"), "state")
     train_steps(model, tmp_path, examples=pattern_examples(), iters=1, fine_tune_type="state")
+    weights, metadata = mx.load(str(tmp_path / "adapters.safetensors"), return_metadata=True)
+    del metadata["model_type"], metadata["rwkv_version"]
+    mx.save_safetensors(str(tmp_path / "adapters.safetensors"), weights, metadata=metadata)
 
-    with pytest.raises(AdapterError, match=r"tensor 'initial_state\.layers\.\d\.wkv_sums' is not a state parameter"):
+    with pytest.raises(AdapterError) as error:
         load_adapters(older_model("6"), tmp_path)
+
+    message = str(error.value)
+    assert re.search(r"tensor 'initial_state\.layers\.\d\.wkv_sums' is not a state parameter", message)
+    assert "the model is RWKV-6, and the adapters do not record their RWKV version" in message
 
 
 def quantized_older_model(version, bits):

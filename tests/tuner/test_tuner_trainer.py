@@ -9,9 +9,24 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from rwkv_mlx.tuner import TrainingArgs, evaluate, iterate_batches, make_example, prepare_for_training, resume_from, train
-from rwkv_mlx.tuner.trainer import collate, optimizer_file_for, plot_losses
-from tuner_helpers import tiny_model
+from random_models import random_older_model
+from rwkv_mlx.io.state import load_state
+from rwkv_mlx.tuner import (
+    AdapterError,
+    TrainingArgs,
+    TrainingError,
+    TrainingInterrupted,
+    evaluate,
+    iterate_batches,
+    load_adapters,
+    load_tuned_cache,
+    make_example,
+    prepare_for_training,
+    resume_from,
+    train,
+)
+from rwkv_mlx.tuner.trainer import batch_loss_and_grad, collate, optimizer_file_for, plot_losses
+from tuner_helpers import older_config, older_model, random_batch, tiny_model
 
 
 def pattern_examples(count, start=40, seed=0):
@@ -200,9 +215,10 @@ def test_optimizer_file_names():
     assert optimizer_file_for("a/0000010_adapters.safetensors").name == "0000010_optimizer.safetensors"
 
 
-def test_loss_plot(tmp_path, caplog):
-    from rwkv_mlx.tuner import TrainingHistory
+def test_loss_plot(tmp_path, caplog, monkeypatch):
+    from rwkv_mlx.tuner import TrainingHistory, trainer
 
+    monkeypatch.setattr(trainer, "_warned_no_matplotlib", False)
     history = TrainingHistory(train=[(1, 3.0), (2, 2.5)], valid=[(0, 3.2), (2, 2.6)])
     try:
         import matplotlib  # noqa: F401
@@ -254,3 +270,179 @@ def test_forward_hidden_equals_model():
     for layer_cache, layer_state in zip(cache, states):
         for entry in range(3):
             assert mx.abs(layer_cache[entry] - layer_state[entry]).max().item() <= 1e-5
+
+
+class PoisonAt:
+    """A training callback that sets a LoRA weight to NaN when ``iteration`` is reported."""
+
+    def __init__(self, model, iteration):
+        self.model = model
+        self.iteration = iteration
+
+    def on_train_loss_report(self, info):
+        if info["iteration"] == self.iteration:
+            layer = self.model.model.layers[0].attn.r_proj
+            layer.lora_b = mx.full(layer.lora_b.shape, float("nan"))
+
+    def on_val_loss_report(self, info):
+        pass
+
+
+def test_nan_loss_stops_before_saving(tmp_path):
+    model = prepare_for_training(tiny_model(), "lora")
+
+    with pytest.raises(TrainingError) as error:
+        train(model, pattern_examples(8), None, quick_args(tmp_path, iters=10), training_callback=PoisonAt(model, 3))
+
+    message = str(error.value)
+    assert "training diverged at iteration 4: the training loss is nan" in message
+    assert f"the last checkpoint, iteration 2 in {tmp_path / 'adapters.safetensors'}, is unchanged" in message
+    assert "Lower the learning rate (it is 0.01)" in message
+    assert "--dtype" not in message
+    _, metadata = mx.load(str(tmp_path / "adapters.safetensors"), return_metadata=True)
+    assert metadata["iteration"] == "2"
+    assert not (tmp_path / "0000004_adapters.safetensors").exists()
+
+
+def test_non_finite_update_stops_training(tmp_path):
+    # Unfrozen by hand, without prepare_for_training's cast to float32:
+    # Adam's epsilon of 1e-8 is 0 in float16, so zero gradients give 0/0.
+    model = tiny_model(dtype=mx.float16)
+    model.freeze()
+    model.model.layers[1].unfreeze()
+
+    with pytest.raises(TrainingError) as error:
+        train(model, pattern_examples(8), None, quick_args(tmp_path / "adapters", iters=4, learning_rate=1e-5))
+
+    message = str(error.value)
+    assert "training diverged at iteration 1: the optimizer update made some weights NaN or infinite" in message
+    assert "no checkpoint of this run was saved" in message
+    assert "python -m rwkv_mlx.convert --dtype float32, or --dtype bfloat16" in message
+    assert not (tmp_path / "adapters").exists()
+
+
+@pytest.mark.parametrize("version", ["7", "4", "5.2", "6"])
+def test_full_fine_tune_float16_stays_finite(tmp_path, version):
+    base = tiny_model(dtype=mx.float16) if version == "7" else older_model(version, dtype=mx.float16)
+    model = prepare_for_training(base, "full")
+
+    history = train(model, pattern_examples(8), None, quick_args(tmp_path, iters=3, learning_rate=1e-3))
+
+    assert all(np.isfinite(loss) for _, loss in history.train)
+    assert {value.dtype for _, value in tree_flatten(model.trainable_parameters())} == {mx.float32}
+    assert model.model.embeddings.weight.dtype == mx.float16
+
+
+def test_float32_layers_after_rescaled_float16():
+    # Three layers, the residual stream halved after each in float16; the
+    # last two train in float32, and must compute what the float32 model does.
+    config = {**older_config("5.2"), "num_hidden_layers": 3, "rescale_every": 1}
+    batch = random_batch(batch_size=2, length=40, seed=1)
+    expected, _, _ = batch_loss_and_grad(random_older_model("5.2", config, seed=2), batch, TrainingArgs())
+    model = prepare_for_training(random_older_model("5.2", config, seed=2, dtype=mx.float16), "full", num_layers=2)
+
+    found, _, _ = batch_loss_and_grad(model, batch, TrainingArgs())
+
+    assert model.model.layers[0].attn_norm.weight.dtype == mx.float16
+    assert model.model.layers[1].attn_norm.weight.dtype == mx.float32
+    assert abs(found - expected) <= 1e-2
+
+
+def test_start_after_last_iteration_rejected(tmp_path):
+    model = prepare_for_training(tiny_model(), "lora")
+
+    with pytest.raises(ValueError, match="start_iteration 7 is above iters 6, so there is nothing to train"):
+        train(model, pattern_examples(4), None, quick_args(tmp_path, iters=6, start_iteration=7))
+
+    assert not list(tmp_path.iterdir())
+
+
+def test_too_few_records_rejected_before_writing(tmp_path):
+    model = prepare_for_training(tiny_model(), "lora")
+
+    with pytest.raises(ValueError, match="the training data has 1 records, fewer than the batch size 2"):
+        train(model, pattern_examples(1), None, quick_args(tmp_path / "adapters"), adapter_config={"fine_tune_type": "lora"})
+
+    assert not (tmp_path / "adapters").exists()
+
+
+def test_adapter_config_written_with_first_save(tmp_path):
+    model = prepare_for_training(tiny_model(), "lora")
+
+    with pytest.raises(KeyboardInterrupt):
+        train(model, pattern_examples(8), None, quick_args(tmp_path / "a"), training_callback=InterruptAt(1), adapter_config={"x": 1})
+    train(model, pattern_examples(8), None, quick_args(tmp_path / "b", iters=2), adapter_config={"x": 1})
+
+    assert not (tmp_path / "a").exists()
+    config = json.loads((tmp_path / "b" / "adapter_config.json").read_text())
+    assert config == {"x": 1, "model_type": "rwkv7", "rwkv_version": "7"}
+
+
+def test_state_file_saved_with_checkpoints(tmp_path):
+    model = prepare_for_training(tiny_model(), "state")
+    metadata = {"fine_tune_type": "state", "tokenizer": "bytes"}
+
+    with pytest.raises(TrainingInterrupted) as interrupt:
+        train(model, pattern_examples(8), None, quick_args(tmp_path, iters=10), training_callback=InterruptAt(3), metadata=metadata)
+
+    assert interrupt.value.last_saved_iteration == 2
+    assert interrupt.value.state_file == tmp_path / "state.safetensors"
+    cache, state_metadata = load_state(tmp_path / "state.safetensors", tiny_model())
+    expected = load_tuned_cache(tiny_model(), tmp_path / "0000002_adapters.safetensors")
+    assert state_metadata["tokenizer"] == "bytes"
+    for layer_cache, expected_cache in zip(cache, expected):
+        assert mx.array_equal(layer_cache[1], expected_cache[1])
+
+
+def test_interrupt_before_first_save(tmp_path, caplog):
+    model = prepare_for_training(tiny_model(), "lora")
+
+    with caplog.at_level(logging.WARNING), pytest.raises(TrainingInterrupted) as interrupt:
+        train(model, pattern_examples(8), None, quick_args(tmp_path, iters=10), training_callback=InterruptAt(1))
+
+    assert interrupt.value.last_saved_iteration == 0
+    assert "before the first checkpoint, so nothing was saved" in caplog.text
+
+
+def test_resume_records_and_checks_version(tmp_path):
+    model = prepare_for_training(older_model("5.2"), "lora")
+    train(model, pattern_examples(4), None, quick_args(tmp_path, iters=2))
+    _, metadata = mx.load(str(tmp_path / "adapters.safetensors"), return_metadata=True)
+
+    with pytest.raises(AdapterError, match=r"the adapters are for RWKV-5\.2 \(rwkv5\), but the model is RWKV-6 \(rwkv6\)"):
+        resume_from(tmp_path / "adapters.safetensors", prepare_for_training(older_model("6"), "lora"))
+
+    assert metadata["model_type"] == "rwkv5"
+    assert metadata["rwkv_version"] == "5.2"
+    assert resume_from(tmp_path / "adapters.safetensors", prepare_for_training(older_model("5.2"), "lora")) == 3
+
+
+def test_resume_full_float16_keeps_float32(tmp_path):
+    model = prepare_for_training(tiny_model(dtype=mx.float16), "full")
+    config = {"fine_tune_type": "full", "num_layers": -1}
+    train(model, pattern_examples(4), None, quick_args(tmp_path, iters=2, learning_rate=1e-3), adapter_config=config)
+    resumed = prepare_for_training(tiny_model(dtype=mx.float16), "full")
+
+    resume_from(tmp_path / "adapters.safetensors", resumed, optim.Adam(learning_rate=1e-3))
+
+    for (name, a), (_, b) in zip(tree_flatten(model.trainable_parameters()), tree_flatten(resumed.trainable_parameters())):
+        assert b.dtype == mx.float32, name
+        assert mx.array_equal(a, b), name
+    loaded = load_adapters(tiny_model(dtype=mx.float16), tmp_path)
+    assert loaded.model.layers[0].attn_norm.weight.dtype == mx.float16
+
+
+def test_missing_matplotlib_warns_once(tmp_path, caplog, monkeypatch):
+    import sys
+
+    from rwkv_mlx.tuner import TrainingHistory, trainer
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setattr(trainer, "_warned_no_matplotlib", False)
+    history = TrainingHistory(train=[(1, 3.0)])
+
+    with caplog.at_level(logging.WARNING):
+        assert plot_losses(history, tmp_path / "loss.png") is False
+        assert plot_losses(history, tmp_path / "loss.png") is False
+
+    assert caplog.text.count("matplotlib is not installed") == 1

@@ -156,8 +156,8 @@ def test_state_adapter_for_other_version_rejected(tmp_path, data_dir, capsys):
     err = capsys.readouterr().err
 
     assert status != 0
-    assert "trained on a base model with fingerprint" in err
-    assert "load the base model the state was tuned on" in err
+    assert "the adapters are for RWKV-5.2 (rwkv5), but the model is RWKV-6 (rwkv6)" in err
+    assert "use the base model they were trained on" in err
 
 
 def test_state_file_for_other_version_rejected(tmp_path, data_dir, capsys):
@@ -172,3 +172,72 @@ def test_state_file_for_other_version_rejected(tmp_path, data_dir, capsys):
 
     assert status != 0
     assert "the state is from an RWKV-4 model, but the model is RWKV-5.2" in err
+
+
+OTHER_VERSION = "the adapters are for RWKV-5.2 (rwkv5), but the model is RWKV-6 (rwkv6); use the base model they were trained on"
+
+
+@pytest.fixture(scope="module")
+def lora_for_5_2(tmp_path_factory, data_dir):
+    """A LoRA adapter folder trained on a tiny RWKV-5.2 model directory, and an
+    RWKV-6 model directory whose adapted weights have the same shapes."""
+    root = tmp_path_factory.mktemp("versions")
+    for version in ("5.2", "6"):
+        save_model(root / version, older_model(version), older_config(version))
+    assert train_cli(root / "5.2", data_dir, root / "adapters", "--tokenizer", "bytes") == 0
+    return root
+
+
+def test_adapter_records_model_version(lora_for_5_2):
+    config = json.loads((lora_for_5_2 / "adapters" / "adapter_config.json").read_text())
+    _, metadata = mx.load(str(lora_for_5_2 / "adapters" / "adapters.safetensors"), return_metadata=True)
+
+    assert config["model_type"] == "rwkv5"
+    assert config["rwkv_version"] == "5.2"
+    assert metadata["model_type"] == "rwkv5"
+    assert metadata["rwkv_version"] == "5.2"
+
+
+def test_lora_for_other_version_rejected_by_generate(lora_for_5_2, capsys):
+    argv = ["--model", str(lora_for_5_2 / "6"), "--tokenizer", "bytes", "--adapter-path", str(lora_for_5_2 / "adapters")]
+
+    status = generate_main([*argv, "--prompt", "a", *GREEDY])
+
+    assert status != 0
+    assert OTHER_VERSION in capsys.readouterr().err
+
+
+def test_lora_for_other_version_rejected_by_resume(tmp_path, lora_for_5_2, data_dir, capsys):
+    adapter_file = lora_for_5_2 / "adapters" / "adapters.safetensors"
+
+    status = train_cli(lora_for_5_2 / "6", data_dir, tmp_path / "more", "--tokenizer", "bytes", "--resume-adapter-file", str(adapter_file))
+
+    assert status == 1
+    assert OTHER_VERSION in capsys.readouterr().err
+    assert not (tmp_path / "more").exists()
+
+
+def test_lora_for_other_version_rejected_by_fuse(tmp_path, lora_for_5_2, capsys):
+    argv = ["--model", str(lora_for_5_2 / "6"), "--tokenizer", "bytes", "--adapter-path", str(lora_for_5_2 / "adapters")]
+
+    status = fuse_cli.main([*argv, "--save-path", str(tmp_path / "fused")])
+
+    assert status == 1
+    assert OTHER_VERSION in capsys.readouterr().err
+
+
+def test_adapters_without_version_still_load(tmp_path, lora_for_5_2):
+    # Folders saved before the version was recorded, and mlx-lm's.
+    folder = tmp_path / "old"
+    folder.mkdir()
+    config = json.loads((lora_for_5_2 / "adapters" / "adapter_config.json").read_text())
+    weights, metadata = mx.load(str(lora_for_5_2 / "adapters" / "adapters.safetensors"), return_metadata=True)
+    for key in ("model_type", "rwkv_version"):
+        del config[key], metadata[key]
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    mx.save_safetensors(str(folder / "adapters.safetensors"), weights, metadata=metadata)
+
+    adapted = load(str(lora_for_5_2 / "5.2"), tokenizer="bytes", adapter_path=str(folder))[0]
+    expected = load(str(lora_for_5_2 / "5.2"), tokenizer="bytes", adapter_path=str(lora_for_5_2 / "adapters"))[0]
+
+    assert mx.array_equal(adapted(IDS), expected(IDS))
