@@ -4,10 +4,12 @@
                                  [--json results.json]
 
 One random-weight RWKV-7 of the official 0.1B shape (12 layers, 768 wide,
-vocabulary 65536) is made once; every implementation runs it in this process.
-BlinkDL's package (``rwkv`` 0.8.32, ``strategy='cpu fp32'``) is timed only
-where torch and rwkv are installed. For each implementation and weight format
-the table gives:
+vocabulary 65536) is made once; the MLX implementations run it in this
+process. BlinkDL's package (``rwkv`` 0.8.32, ``strategy='cpu fp32'`` or
+``'cpu bf16'``) is timed only where torch and rwkv are installed, on the same
+weights in a child process without rwkv_mlx's OpenBLAS (see
+``run_official_apart``). For each implementation and weight format the table
+gives:
 
 - prefill tokens/s: the whole prompt in one call, ending in the last
   position's logits, as a generator needs them; the best of ``--repeats``
@@ -32,10 +34,12 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import rwkv_mlx  # noqa: F401  (loads the optimized BLAS before mlx.core)
 
@@ -256,10 +260,17 @@ def build_mlx_model(kind: str, weights: dict, config: dict, fmt: str) -> nn.Modu
     return model
 
 
+OFFICIAL_STRATEGIES = {"float32": "cpu fp32", "bfloat16": "cpu bf16"}
+
+
 def run_official(
-    weights: dict, config: dict, lengths: list, prompt: np.ndarray, results: list, bandwidth: float, repeats: int
-):
-    """Time BlinkDL's rwkv package, if torch and rwkv are installed."""
+    weights: dict, config: dict, lengths: list, prompt: np.ndarray, bandwidth: float, repeats: int, fmt: str
+) -> Optional[dict]:
+    """Time BlinkDL's rwkv package in one weight format, if torch and rwkv are installed.
+
+    Returns:
+        dict | None: The row of results, or None when the package is missing.
+    """
     os.environ.setdefault("RWKV_V7_ON", "1")
     os.environ.setdefault("RWKV_JIT_ON", "1")
     os.environ.setdefault("RWKV_CUDA_ON", "0")
@@ -268,16 +279,16 @@ def run_official(
         from rwkv.model import RWKV
     except ImportError as error:
         print(f"BlinkDL's rwkv package is not timed: {error}")
-        return
+        return None
 
     official = canonical_to_official(weights, config)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "rwkv7-0.1b"
         torch.save({k: torch.from_numpy(np.ascontiguousarray(v)).to(torch.bfloat16) for k, v in official.items()}, f"{path}.pth")
         del official
-        model = RWKV(model=str(path), strategy="cpu fp32")
+        model = RWKV(model=str(path), strategy=OFFICIAL_STRATEGIES[fmt])
 
-    row = {"implementation": "rwkv (official)", "format": "float32"}
+    row = {"implementation": "rwkv (official)", "format": fmt}
     with torch.no_grad():
         for length in lengths:
             ids = prompt[:length].tolist()
@@ -300,11 +311,25 @@ def run_official(
     row["decode_ms"] = 1e3 * statistics.median(times)
     row["decode_tps"] = 1e3 / row["decode_ms"]
     row["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    # The official package keeps every weight in float32 with this strategy.
-    weight_bytes = 4 * sum(v.size for k, v in weights.items() if "embeddings" not in k)
+    # The official package keeps every weight in the strategy's dtype.
+    weight_bytes = (4 if fmt == "float32" else 2) * sum(v.size for k, v in weights.items() if "embeddings" not in k)
     row["roofline_fraction"] = weight_bytes * row["decode_tps"] / bandwidth
-    results.append(row)
-    print_row(row, lengths)
+    return row
+
+
+def run_official_apart(args, bandwidth: float, fmt: str) -> Optional[dict]:
+    """Run ``run_official`` in a child process without rwkv_mlx's OpenBLAS.
+
+    Loading Debian's OpenBLAS into the process slowed the official package's
+    decode on this machine from 35 to 179 ms per token (torch 2.13, 2 cores),
+    so torch runs where ``RWKV_MLX_BLAS=0`` leaves MLX's bundled BLAS in place.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        row_file = Path(tmp) / "row.json"
+        command = [sys.executable, __file__, "--official-row", str(row_file), "--official-format", fmt,
+                   "--bandwidth", str(bandwidth), "--repeats", str(args.repeats), "--lengths", *map(str, args.lengths)]
+        subprocess.run(command, env={**os.environ, "RWKV_MLX_BLAS": "0"}, check=True)
+        return json.loads(row_file.read_text()) if row_file.exists() else None
 
 
 def print_row(row: dict, lengths: list) -> None:
@@ -347,11 +372,20 @@ def main():
     parser.add_argument("--no-train", action="store_true", help="Skip the LoRA training step.")
     parser.add_argument("--repeats", type=int, default=3, help="Timed runs of each prefill and training step; the best counts.")
     parser.add_argument("--json", type=Path, help="Also write the results to this JSON file.")
+    # Used by run_official_apart for its child process.
+    parser.add_argument("--official-row", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--official-format", default="float32", help=argparse.SUPPRESS)
+    parser.add_argument("--bandwidth", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     config = SHAPE_0_1B
     weights = random_canonical_weights(config)
     prompt = np.random.default_rng(1).integers(0, config["vocab_size"], max(args.lengths + [TRAIN_LENGTH + 1]))
+    if args.official_row:
+        row = run_official(weights, config, args.lengths, prompt, args.bandwidth, args.repeats, args.official_format)
+        if row is not None:
+            args.official_row.write_text(json.dumps(row))
+        return 0
     bandwidth = measure_read_bandwidth()
 
     print(f"machine: {platform.machine()} {platform.system()}, {os.cpu_count()} cores, MLX {mx.__version__}")
@@ -382,7 +416,11 @@ def main():
             gc.collect()
 
     if "official" in args.implementations:
-        run_official(weights, config, args.lengths, prompt, results, bandwidth, args.repeats)
+        for fmt in [f for f in args.formats if f in OFFICIAL_STRATEGIES]:
+            row = run_official_apart(args, bandwidth, fmt)
+            if row is not None:
+                results.append(row)
+                print_row(row, args.lengths)
     print_ratios(results, args.lengths)
 
     if args.json:
