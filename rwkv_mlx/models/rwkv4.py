@@ -135,6 +135,11 @@ class Block(nn.Module):
     def __call__(self, x, cache, mask):
         if self.layer_idx == 0:
             x = self.pre_norm(x)
+        if x.dtype == mx.float16 and self.attn_norm.weight.dtype == mx.float32:
+            # A float32 layer after float16 ones (a full fine-tune trains the
+            # last layers of a float16 model in float32): undo the float16
+            # halving, because a float32 stream is never scaled.
+            x = x.astype(mx.float32) / residual_scale(self.layer_idx, mx.float16, self.rescale_every)
         scale = residual_scale(self.layer_idx, x.dtype, self.rescale_every)
         x = x + self.attn(self.attn_norm(x), cache, mask, scale)
         x = x + self.ffn(self.ffn_norm(x), cache, mask, scale)

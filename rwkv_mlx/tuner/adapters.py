@@ -290,14 +290,9 @@ def _train_in_float32(layer: nn.Module) -> None:
     In float16, Adam's epsilon of 1e-8 rounds to 0, so a weight whose
     gradient is zero gets the update 0/0 and becomes NaN after the first
     step. Updates below float16's resolution (about 1e-3 of the weight's
-    magnitude) would also be lost. ``rwkv_mlx.tuner.trainer.forward_hidden``
-    runs the residual stream in float32 from the first such layer on.
-
-    NOTE: the model's own ``__call__`` does not rescale the stream where it
-    turns float32. For an RWKV-4, 5 or 6 float16 model whose trained layers
-    start past its first ``rescale_every`` layers, calling the trained model
-    directly gives wrong logits; ``load_adapters`` onto the base model casts
-    the weights back to float16 and is correct.
+    magnitude) would also be lost. The residual stream continues in float32
+    from the first such layer on (``rwkv_mlx.models.rwkv4.Block`` undoes the
+    float16 rescaling of RWKV-4, 5 and 6 there).
     """
     cast = [(name, value.astype(mx.float32)) for name, value in tree_flatten(layer.trainable_parameters()) if value.dtype == mx.float16]
     if cast:

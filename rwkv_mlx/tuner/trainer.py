@@ -27,7 +27,6 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from mlx_lm.models.cache import ArraysCache
 
 from ..models import rwkv7
-from ..models.rwkv4 import residual_scale
 from .adapters import (
     STATE_FILE,
     AdapterError,
@@ -253,25 +252,9 @@ def forward_hidden(
     v_first = None
     new_states = []
     for layer, state in zip(inner.layers, states):
-        x = _stream_for(layer, x)
         x, v_first, state = run(layer, x, v_first, state)
         new_states.append(state)
     return inner.norm(x), new_states
-
-
-def _stream_for(layer: nn.Module, x: mx.array) -> mx.array:
-    """Return the residual stream in the dtype that ``layer`` computes in.
-
-    A full fine-tune trains a float16 model's last layers in float32
-    (``prepare_for_training``). From the first such layer on, the stream
-    continues in float32. RWKV-4, 5 and 6 blocks scale a float16 stream down
-    every ``rescale_every`` layers and a float32 stream not at all, so the
-    stream is scaled back up as it changes dtype.
-    """
-    if x.dtype != mx.float16 or layer.attn_norm.weight.dtype != mx.float32:
-        return x
-    scale = residual_scale(layer.layer_idx, mx.float16, getattr(layer, "rescale_every", 0))
-    return x.astype(mx.float32) / scale
 
 
 def _head_module(model: nn.Module) -> nn.Module:

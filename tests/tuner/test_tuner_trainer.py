@@ -348,6 +348,19 @@ def test_float32_layers_after_rescaled_float16():
     assert abs(found - expected) <= 1e-2
 
 
+def test_float32_layers_after_float16_in_model_call():
+    # The model's own call, as generate makes it, agrees with the float32 model too.
+    config = {**older_config("5.2"), "num_hidden_layers": 3, "rescale_every": 1}
+    inputs = mx.array(np.random.default_rng(3).integers(0, 256, (1, 24)))
+    expected = random_older_model("5.2", config, seed=2)(inputs)
+    model = prepare_for_training(random_older_model("5.2", config, seed=2, dtype=mx.float16), "full", num_layers=2)
+
+    found = model(inputs)
+
+    assert found.dtype == mx.float32
+    assert mx.abs(found - expected).max().item() <= 0.05 * mx.abs(expected).max().item()
+
+
 def test_start_after_last_iteration_rejected(tmp_path):
     model = prepare_for_training(tiny_model(), "lora")
 
