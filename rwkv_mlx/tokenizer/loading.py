@@ -99,8 +99,9 @@ def _load_tokenizer_json(path: Path) -> Tokenizer:
     for token_id, data in by_id.items():
         token_bytes[token_id] = data
 
+    chat_template = chat_template_from_config(config)
     if eos_token is None and token_bytes == [bytes([value]) for value in range(256)]:
-        return ByteTokenizer()
+        return ByteTokenizer(chat_template)
     end_of_text_id = (document.get("model") or {}).get("vocab", {}).get(eos_token) if eos_token else None
     if end_of_text_id != 0:
         raise TokenizerError(
@@ -108,7 +109,6 @@ def _load_tokenizer_json(path: Path) -> Tokenizer:
             f"{eos_token!r} with id {end_of_text_id}"
         )
 
-    chat_template = chat_template_from_config(config)
     # Compare with the shipped World vocabulary only when the sizes agree,
     # because world_tables() reads and indexes it on first use.
     if len(token_bytes) == WORLD_DEFINED_IDS:

@@ -103,16 +103,17 @@ def world_tokenizer() -> WorldTokenizer:
 class ByteTokenizer(ByteVocabTokenizer):
     """The byte-level tokenizer of 256-token models: the id of a byte is its value.
 
-    It has no end-of-text token and no chat template.
+    It has no end-of-text token, and a chat template only when one is given
+    (from a saved ``tokenizer_config.json``).
     """
 
-    def __init__(self):
+    def __init__(self, chat_template: str | None = None):
         super().__init__(
             [bytes([value]) for value in range(256)],
             vocab_size=256,
             eos_token_id=None,
             eos_token=None,
-            chat_template=None,
+            chat_template=chat_template,
             name_or_path="bytes",
         )
 

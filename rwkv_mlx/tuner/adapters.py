@@ -116,6 +116,9 @@ def model_identity(model: nn.Module) -> Dict[str, str]:
 def _version_name(identity: Dict[str, Any]) -> str:
     """Return ``RWKV-5.2`` for an identity, or its ``model_type`` when it has no version."""
     version = identity.get("rwkv_version")
+    if version == "5":
+        # The recorded label of RWKV-5.0, named in full beside 5.1 and 5.2.
+        version = "5.0"
     return f"RWKV-{version}" if version else str(identity.get("model_type"))
 
 

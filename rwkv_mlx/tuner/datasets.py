@@ -385,7 +385,10 @@ def resolve_data_folder(data: str) -> Path:
         raise DatasetError(f"{data}: --data must be a folder with train.jsonl, valid.jsonl and test.jsonl, not a file")
     parts = data.split("/")
     if data.startswith((".", "/", "~")) or len(parts) != 2 or not all(parts):
-        raise DatasetError(f"{data}: data folder not found")
+        raise DatasetError(
+            f"{data}: data folder not found; pass a folder with train.jsonl, valid.jsonl and test.jsonl, "
+            "or a Hugging Face dataset id (owner/name)"
+        )
 
     from huggingface_hub import snapshot_download
 
@@ -426,6 +429,6 @@ def load_datasets(
             if split == "valid":
                 logger.warning("no valid.jsonl in %s: training runs without validation", folder)
                 continue
-            raise DatasetError(f"{folder}: {split}.jsonl not found")
+            raise DatasetError(f"{folder}: {split}.jsonl not found; add it (one JSON object per line) to use --{split}")
         loaded[split] = load_jsonl_dataset(files[split], tokenizer, mask_prompt, max_tokens, max_tokens_hint, features)
     return loaded

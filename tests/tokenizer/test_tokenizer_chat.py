@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from rwkv_mlx.tokenizer import WORLD_CHAT_TEMPLATE, TokenizerError, format_world_chat
+from rwkv_mlx.tokenizer import WORLD_CHAT_TEMPLATE, TokenizerError, format_world_chat, load_tokenizer
 from rwkv_mlx.tokenizer.chat import render_jinja_chat_template
 
 CONVERSATION = [
@@ -93,3 +95,16 @@ def test_byte_tokenizer_has_no_chat_template(byte_tokenizer):
     assert byte_tokenizer.chat_template is None
     with pytest.raises(TokenizerError, match="no chat template"):
         byte_tokenizer.apply_chat_template(CONVERSATION)
+
+
+def test_saved_byte_tokenizer_keeps_added_template(byte_tokenizer, tmp_path):
+    byte_tokenizer.save_pretrained(tmp_path)
+    config_path = tmp_path / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    config_path.write_text(json.dumps(config))
+
+    tokenizer = load_tokenizer(str(tmp_path))
+
+    assert tokenizer.vocab_size == 256
+    assert tokenizer.apply_chat_template(CONVERSATION[:1], tokenize=False) == "<system>You are a helpful assistant."

@@ -172,7 +172,12 @@ def test_state_from_other_version_rejected(tmp_path, trained_on, loaded_on):
     model = prepare_for_training(older_model(trained_on), "state")
     train_steps(model, tmp_path, examples=pattern_examples(), iters=1, fine_tune_type="state", fingerprint=base_fingerprint(older_model(trained_on)))
 
-    message = rf"the adapters are for RWKV-{re.escape(trained_on)} \(rwkv{trained_on[0]}\), but the model is RWKV-{re.escape(loaded_on)} "
+    # RWKV-5.0 records the version "5" and is named "RWKV-5.0" in messages.
+    names = {version: "5.0" if version == "5" else version for version in (trained_on, loaded_on)}
+    message = (
+        rf"the adapters are for RWKV-{re.escape(names[trained_on])} \(rwkv{trained_on[0]}\), "
+        rf"but the model is RWKV-{re.escape(names[loaded_on])} "
+    )
     with pytest.raises(AdapterError, match=message):
         load_adapters(older_model(loaded_on), tmp_path)
     with pytest.raises(AdapterError, match=message):
