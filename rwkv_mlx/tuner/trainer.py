@@ -120,6 +120,25 @@ class TrainingHistory:
         return {"train": self.train, "valid": self.valid, "last_saved_iteration": self.last_saved_iteration}
 
 
+def earlier_history(path: Path, start_iteration: int) -> TrainingHistory:
+    """Return the losses that ``path`` (a ``loss_history.json``) recorded
+    before ``start_iteration``, so a resumed run keeps them.
+
+    A missing or unreadable file gives an empty history, with a warning when
+    it is unreadable. ``last_saved_iteration`` stays 0: it counts this run's saves.
+    """
+    if not path.is_file():
+        return TrainingHistory()
+    try:
+        recorded = json.loads(path.read_text())
+        train = [(int(i), float(loss)) for i, loss in recorded.get("train", []) if int(i) < start_iteration]
+        valid = [(int(i), float(loss)) for i, loss in recorded.get("valid", []) if int(i) < start_iteration]
+    except (OSError, ValueError, TypeError, AttributeError) as error:
+        logger.warning("%s: cannot read the earlier losses (%s); the history starts at iteration %d", path, error, start_iteration)
+        return TrainingHistory()
+    return TrainingHistory(train=train, valid=valid)
+
+
 @dataclass
 class Batch:
     """Padded token ids [B, L] int32 and the loss mask [B, L] bool (see ``Example``)."""
@@ -563,6 +582,8 @@ class _TrainingRun:
         if self.adapter_file is not None and isinstance(model, StateTunedModel):
             self.state_file = self.adapter_file.parent / STATE_FILE
         self.history = TrainingHistory()
+        if self.adapter_file is not None and args.start_iteration > 1:
+            self.history = earlier_history(self.adapter_file.parent / "loss_history.json", args.start_iteration)
         self.value_and_grad = nn.value_and_grad(model, sequence_loss)
         self.progress = _make_progress(args.iters, args.start_iteration - 1)
 

@@ -25,7 +25,7 @@ from rwkv_mlx.tuner import (
     resume_from,
     train,
 )
-from rwkv_mlx.tuner.trainer import batch_loss_and_grad, collate, optimizer_file_for, plot_losses
+from rwkv_mlx.tuner.trainer import batch_loss_and_grad, collate, earlier_history, optimizer_file_for, plot_losses
 from tuner_helpers import older_config, older_model, random_batch, tiny_model
 
 
@@ -171,6 +171,36 @@ def test_resume_continues_like_one_run(tmp_path):
     assert start == 4
     for (name, a), (_, b) in zip(tree_flatten(straight.trainable_parameters()), tree_flatten(resumed.trainable_parameters())):
         assert mx.abs(a - b).max().item() <= 1e-6, name
+
+
+def test_resume_in_same_folder_keeps_loss_history(tmp_path):
+    data = pattern_examples(8)
+    model = prepare_for_training(tiny_model(), "lora")
+    train(model, data, None, quick_args(tmp_path, iters=4, steps_per_save=2))
+    # A later iteration in the file, as an interrupted run after its last save leaves it.
+    history_file = tmp_path / "loss_history.json"
+    recorded = json.loads(history_file.read_text())
+    recorded["train"].append([5, 9.9])
+    history_file.write_text(json.dumps(recorded))
+
+    resumed = prepare_for_training(tiny_model(), "lora")
+    optimizer = optim.Adam(learning_rate=1e-2)
+    start = resume_from(tmp_path / "adapters.safetensors", resumed, optimizer)
+    train(resumed, data, None, quick_args(tmp_path, iters=6, steps_per_save=2, start_iteration=start), optimizer=optimizer)
+
+    history = json.loads(history_file.read_text())
+    assert start == 5
+    assert [it for it, _ in history["train"]] == [1, 2, 3, 4, 5, 6]
+    assert history["train"][4][1] != 9.9
+
+
+def test_unreadable_loss_history_starts_fresh(tmp_path, caplog):
+    (tmp_path / "loss_history.json").write_text("{not json")
+
+    history = earlier_history(tmp_path / "loss_history.json", 3)
+
+    assert history.train == []
+    assert "cannot read the earlier losses" in caplog.text
 
 
 def test_resume_rejects_other_mode(tmp_path):
