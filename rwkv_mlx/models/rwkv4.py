@@ -178,14 +178,24 @@ class RwkvModel(nn.Module):
         return self.norm(x)
 
 
-class Model(nn.Module):
-    """RWKV-4 language model with mlx-lm's model protocol."""
+class LanguageModel(nn.Module):
+    """An RWKV-4, 5 or 6 language model with mlx-lm's model protocol: the
+    blocks of one version, built from its time mix and channel mix, and an
+    output head.
 
-    def __init__(self, args: ModelArgs):
+    Args:
+        args: The version's ``ModelArgs``.
+        time_mix, channel_mix: The version's module classes, called with ``args``.
+        version (str): The version, as ``rwkv_mlx.io.layout_older`` names
+            it (``4``, ``5``, ``5.1``, ``5.2``, ``6``), for ``sanitize``.
+    """
+
+    def __init__(self, args, time_mix: type, channel_mix: type, version: str):
         super().__init__()
         self.args = args
         self.model_type = args.model_type
-        blocks = [Block(args, i, TimeMix(args), ChannelMix(args)) for i in range(args.num_hidden_layers)]
+        self.version = version
+        blocks = [Block(args, i, time_mix(args), channel_mix(args)) for i in range(args.num_hidden_layers)]
         self.model = RwkvModel(args, blocks)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
@@ -215,12 +225,12 @@ class Model(nn.Module):
         return [ArraysCache(size=3) for _ in self.layers]
 
     def sanitize(self, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
-        """Bring RWKV-4 weights in the official or the canonical layout into this model's."""
+        """Bring weights of this version in the official or the canonical layout into this model's."""
         from ..io.layout_older import official_to_canonical, reshape_canonical
 
         if any(name.startswith("blocks.") for name in weights):
-            return official_to_canonical(weights, "4", "weights")
-        return reshape_canonical(dict(weights), "4", "weights")
+            return official_to_canonical(weights, self.version, "weights")
+        return reshape_canonical(dict(weights), self.version, "weights")
 
     @property
     def quant_predicate(self):
@@ -232,3 +242,10 @@ class Model(nn.Module):
             return True
 
         return predicate
+
+
+class Model(LanguageModel):
+    """RWKV-4 language model with mlx-lm's model protocol."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__(args, TimeMix, ChannelMix, "4")

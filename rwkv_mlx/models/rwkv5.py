@@ -20,16 +20,13 @@ whatever the weights are; float16 models halve their residual stream as
 """
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import BaseModelArgs
-from mlx_lm.models.cache import ArraysCache
 
 from ..ops import wkv5
-from ..ops.linear import linear
-from .rwkv4 import DEFAULT_RESCALE_EVERY, Block, ChannelMix, RwkvModel, mix
+from .rwkv4 import DEFAULT_RESCALE_EVERY, ChannelMix, LanguageModel, mix
 from .rwkv7 import GroupNormPerHead, token_shift
 
 VERSIONS = ("5", "5.1", "5.2")
@@ -119,57 +116,8 @@ class TimeMix(nn.Module):
         return self.o_proj(out * scale)
 
 
-class Model(nn.Module):
+class Model(LanguageModel):
     """RWKV-5 language model with mlx-lm's model protocol."""
 
     def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.args = args
-        self.model_type = args.model_type
-        blocks = [Block(args, i, TimeMix(args), ChannelMix(args)) for i in range(args.num_hidden_layers)]
-        self.model = RwkvModel(args, blocks)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-
-    def __call__(self, inputs: mx.array, cache: Optional[List[Any]] = None, mask: Optional[mx.array] = None):
-        """Compute the logits for every position.
-
-        Args:
-            inputs (mx.array): Token ids, [B, T].
-            cache (list, optional): One cache per layer from ``make_cache``,
-                updated in place. Without it every sequence starts from the
-                zero state.
-            mask (mx.array, optional): Valid positions, [B, T] bool; padded
-                positions leave the cache unchanged. Taken from the cache's
-                padding when not given.
-
-        Returns:
-            mx.array: Logits, [B, T, vocab_size].
-        """
-        return linear(self.lm_head, self.model(inputs, cache, mask))
-
-    @property
-    def layers(self):
-        return self.model.layers
-
-    def make_cache(self) -> List[ArraysCache]:
-        """Return one empty cache per layer: token shifts and WKV state."""
-        return [ArraysCache(size=3) for _ in self.layers]
-
-    def sanitize(self, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
-        """Bring RWKV-5 weights in the official or the canonical layout into this model's."""
-        from ..io.layout_older import official_to_canonical, reshape_canonical
-
-        if any(name.startswith("blocks.") for name in weights):
-            return official_to_canonical(weights, self.args.version, "weights")
-        return reshape_canonical(dict(weights), self.args.version, "weights")
-
-    @property
-    def quant_predicate(self):
-        """Keep the embedding and head at 8 bits."""
-
-        def predicate(path: str, module: nn.Module):
-            if "embeddings" in path or "lm_head" in path:
-                return {"bits": 8, "group_size": 64}
-            return True
-
-        return predicate
+        super().__init__(args, TimeMix, ChannelMix, args.version)
