@@ -544,14 +544,7 @@ def dequantize_model(model: nn.Module) -> nn.Module:
                 dense.bias = module.bias
             replaced.append((name, dense))
         elif isinstance(module, nn.QuantizedEmbedding):
-            weight = mx.dequantize(
-                module.weight,
-                module.scales,
-                module.get("biases"),
-                group_size=module.group_size,
-                bits=module.bits,
-                mode=getattr(module, "mode", "affine"),
-            )
+            weight = dense_weight(module)
             dense = nn.Embedding(*weight.shape)
             dense.weight = weight
             replaced.append((name, dense))

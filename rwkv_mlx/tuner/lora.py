@@ -27,8 +27,8 @@ def _dimensions(linear: Linear):
 
 
 def dense_weight(linear: Linear) -> mx.array:
-    """Return the weight of a linear layer, de-quantized if it is quantized."""
-    if isinstance(linear, nn.QuantizedLinear):
+    """Return the weight of a linear or embedding layer, de-quantized if it is quantized."""
+    if isinstance(linear, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
         return mx.dequantize(
             linear.weight,
             linear.scales,
