@@ -157,7 +157,7 @@ def assert_metal_gradients_match(model, monkeypatch) -> None:
     through the Metal WKV kernels as through the pure-MLX forms.
 
     The kernels run on a Metal GPU where there is one, else in the CPU
-    emulator; the batch is longer than ``max_seq_length``, so the state is
+    emulator. The batch is longer than ``max_seq_length``, so the state is
     carried across chunks. Skips when neither is available.
     """
     import metal_harness
