@@ -71,7 +71,8 @@ class KernelLaunch:
 
 @dataclass(frozen=True)
 class WKV7KernelConfig:
-    """Launch configuration of the WKV-7 kernels.
+    """Launch configuration of the WKV-7 kernels, and of the WKV-5/6 kernels
+    (``metal_older.WKV6KernelConfig`` is this class).
 
     Attributes:
         rows_per_group: Threads per threadgroup of the sequence forward kernel,

@@ -37,11 +37,11 @@ from . import metal
 from .metal import (
     DEFAULT_BACKWARD_GROUPS,
     DEFAULT_CHECKPOINT_INTERVAL,
-    DEFAULT_DECODE_ROWS_PER_GROUP,
     MAX_THREADGROUP_MEMORY,
     MAX_THREADS_PER_THREADGROUP,
     SIMD_WIDTH,
     KernelLaunch,
+    WKV7KernelConfig,
     check_size,
     cotangent_or_zeros,
     kernel_source,
@@ -75,29 +75,9 @@ class WKV4KernelConfig:
     checkpoint_interval: int = DEFAULT_CHECKPOINT_INTERVAL
 
 
-@dataclass(frozen=True)
-class WKV6KernelConfig:
-    """Launch configuration of the WKV-6 kernels (also used for RWKV-5).
-
-    Attributes:
-        rows_per_group: Threads per threadgroup of the sequence forward kernel,
-            one per value row of the state; must divide the head size.
-            None: the head size.
-        forward_groups: Threadgroups of the sequence forward kernel; they loop
-            over the B * H * (N / rows_per_group) work items. None: one per item.
-        backward_groups: Threadgroups of the backward kernel (N threads each);
-            they loop over the B * H heads. None: min(B * H, DEFAULT_BACKWARD_GROUPS).
-        checkpoint_interval: Steps between the states the forward pass saves
-            for the backward pass.
-        decode_rows_per_group: Value rows (one simdgroup each) per threadgroup
-            of the decode kernel.
-    """
-
-    rows_per_group: int | None = None
-    forward_groups: int | None = None
-    backward_groups: int | None = None
-    checkpoint_interval: int = DEFAULT_CHECKPOINT_INTERVAL
-    decode_rows_per_group: int = DEFAULT_DECODE_ROWS_PER_GROUP
+# The WKV-5/6 kernels lay out their threads as the WKV-7 kernels do (one per
+# value row of a head's state), so they take the same launch configuration.
+WKV6KernelConfig = WKV7KernelConfig
 
 
 DEFAULT_WKV4_CONFIG = WKV4KernelConfig()
