@@ -6,47 +6,19 @@ central finite differences of them, and the pure-MLX recurrences of
 `rwkv_mlx.ops.wkv4`, `rwkv_mlx.ops.wkv5` and `rwkv_mlx.ops.wkv6`.
 """
 
-import contextlib
 from importlib import resources
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
 import metal_harness
+from metal_kernels import METAL_PRESENT, NEEDS_EMULATOR, NEEDS_METAL, REPO_ROOT, kernels_on
 from rwkv_mlx import ops
 from rwkv_mlx.ops import metal, metal_older
 from rwkv_mlx.ops.wkv4 import empty_state, wkv4_serial, wkv4_step
 from rwkv_mlx.ops.wkv5 import wkv5_serial, wkv5_step
 from rwkv_mlx.ops.wkv6 import wkv6_serial, wkv6_step
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-METAL_PRESENT = mx.metal.is_available()
-
-NEEDS_EMULATOR = pytest.mark.skipif(
-    metal_harness.unavailable_reason() is not None, reason=str(metal_harness.unavailable_reason())
-)
-NEEDS_METAL = pytest.mark.skipif(not METAL_PRESENT, reason="needs a Metal GPU")
-LAUNCHERS = [pytest.param("emulated", marks=NEEDS_EMULATOR), pytest.param("metal", marks=NEEDS_METAL)]
-
-
-@contextlib.contextmanager
-def kernels_on(kind: str):
-    """Run the kernels of `rwkv_mlx.ops.metal_older` in the emulator or on the GPU."""
-    if kind == "emulated":
-        with metal.use_launcher(metal_harness.launcher()):
-            yield
-    else:
-        with metal.use_launcher(metal.run_on_metal), mx.stream(mx.gpu):
-            yield
-
-
-@pytest.fixture(params=LAUNCHERS)
-def kernels(request):
-    with kernels_on(request.param):
-        yield request.param
-
 
 def as_float64(arrays):
     return [np.array(x.astype(mx.float32), dtype=np.float64) for x in arrays]
