@@ -10,8 +10,8 @@ It is on by default on Linux when a library is found, never on macOS (MLX uses
 Accelerate and Metal there), and has no effect once ``mlx.core`` is imported.
 Set ``RWKV_MLX_BLAS=0`` to turn it off, or to a library path to choose one.
 NOTE: torch in the same process slows down with it loaded: BlinkDL's package
-on torch 2.13 took 179 instead of 35 ms per decoded token on the machine
-above, whether torch was imported before or after.
+on torch 2.13 took 198 instead of 34 ms per decoded token on the machine
+above (bench/bench_models.py, docs/benchmarks.md).
 """
 
 import ctypes

@@ -1,11 +1,11 @@
 """Exponential and sigmoid written as powers of two.
 
-On the 2-core x86 Linux machine the benchmarks run on, MLX 0.32.4's CPU
-backend takes about 11.7 ns per float32 element for ``mx.exp`` and 16 ns for
-``mx.sigmoid``. ``mx.power(2, x)`` takes 4.5 ns and a product 0.3 ns
-(393,216 elements, best of 7). Using these in the RWKV-7 model and its
-chunked WKV form took a 512-token prefill of the 0.1B shape from 1.30 s to
-0.87 s there. The results differ from ``mx.exp`` by about 1e-7 relative
+On the 2-core x86 Linux machine of docs/benchmarks.md, MLX 0.32.4's CPU
+backend takes 11.6 ns per float32 element for ``mx.exp`` and 15.8 ns for
+``mx.sigmoid``, against 4.5 and 5.1 ns for these forms and 0.26 ns for a
+product (bench/bench_cpu_ops.py). With them, and one exponential per chunk
+in the chunked WKV form, the RWKV-7 prefill of the 0.1B shape at 512 tokens
+went from 405 to 525-595 tokens/s (bench/bench_models.py). The results differ from ``mx.exp`` by about 1e-7 relative
 error. NOTE: on a Mac GPU both forms are single fused kernels; the choice is
 expected not to matter there, but that is not measured.
 """

@@ -2,14 +2,14 @@
 
 MLX's CPU backend sends every matrix product to the BLAS as a general
 product, and OpenBLAS 0.3.21 reads a weight for one input row at well below
-the memory bandwidth. On the 2-core x86 machine of docs/benchmarks.md (best
-of 15, weights cycled so they come from memory, float32):
+the memory bandwidth. On the 2-core x86 machine of docs/benchmarks.md
+(bench/bench_cpu_ops.py, float32):
 
     weight [out, in]    x @ W^T    W @ x^T    x @ W^T in blocks of 4096 rows
-    [768, 3072]         838 us     489 us
-    [3072, 768]         567 us     652 us
-    [768, 768]          149 us     140 us
-    [65536, 768]        15.5 ms    19.6 ms    12.4 ms
+    [768, 3072]         850 us     498 us     852 us
+    [3072, 768]         562 us     672 us     566 us
+    [768, 768]          149 us     163 us     173 us
+    [65536, 768]        17.3 ms    20.5 ms    12.5 ms
 
 So a single row takes the matrix-vector form when the layer narrows its
 input, and a tall output head is applied in blocks of rows. Every other
