@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from mlx_lm.models import rwkv7 as mlx_lm_rwkv7
 
-from random_models import TINY_CONFIG, random_model, random_weights
+from random_models import TINY_CONFIG, random_model, random_older_model, random_weights
 
 
 def test_matches_mlx_lm_rwkv7():
@@ -108,3 +108,32 @@ def test_bfloat16_weights_do_not_drift():
     assert logits_low.dtype == mx.bfloat16
     assert last <= 5e-3
     assert last <= 2 * first + 1e-4
+
+
+@pytest.mark.parametrize("version", ["7", "4"])
+def test_prefill_cache_does_not_hold_layer_inputs(version):
+    # The carried token-shift vectors must be copies made as each layer runs:
+    # a slice, or a copy MLX schedules last, keeps every layer's whole input
+    # alive until the prefill ends, and the cache holds them afterwards.
+    width, layers = 256, 16
+    if version == "7":
+        model = random_model(dict(TINY_CONFIG, hidden_size=width, intermediate_size=width, num_hidden_layers=layers))
+    else:
+        config = dict(model_type="rwkv4", vocab_size=256, hidden_size=width, intermediate_size=width, num_hidden_layers=layers)
+        model = random_older_model("4", config)
+    tokens = mx.array(np.arange(1024) % 256)[None]
+    layer_input = tokens.size * width * 4
+
+    def prefill_peak(cache) -> tuple:
+        mx.reset_peak_memory()
+        start = mx.get_active_memory()
+        logits = model(tokens, cache=cache)[:, -1]
+        mx.eval(logits, [c.cache for c in cache or []])
+        return mx.get_peak_memory() - start, mx.get_active_memory() - start
+
+    prefill_peak(model.make_cache())
+    peak_without_cache, _ = prefill_peak(None)
+    peak_with_cache, held = prefill_peak(model.make_cache())
+    # What stays is the state and the carried vectors, far below one input per layer.
+    assert held < 4 * layer_input, f"{held} bytes stay allocated after the prefill"
+    assert peak_with_cache < peak_without_cache + 2 * layer_input, (peak_with_cache, peak_without_cache)
