@@ -9,6 +9,13 @@ x86_64 Linux machine, a [64, 4096] x [4096, 4096] float32 product went from
 It is on by default on Linux when a library is found, never on macOS (MLX uses
 Accelerate and Metal there), and has no effect once ``mlx.core`` is imported.
 Set ``RWKV_MLX_BLAS=0`` to turn it off, or to a library path to choose one.
+
+With OpenBLAS, single-row products (decoding) also go to its matrix-vector
+product: ``gemv_forward.c``, compiled once with the system C compiler into
+``~/.cache/rwkv_mlx``, takes MLX's ``cblas_sgemm`` calls and forwards those
+with one row or column to ``cblas_sgemv``. That took decoding the 0.1B shape
+from 42 to 27 ms per token (docs/benchmarks.md). Without a compiler it is
+skipped; set ``RWKV_MLX_GEMV=0`` to turn only it off.
 NOTE: torch in the same process slows down with it loaded: BlinkDL's package
 on torch 2.13 took 198 instead of 34 ms per decoded token on the machine
 above (bench/bench_models.py, docs/benchmarks.md).
@@ -16,9 +23,13 @@ above (bench/bench_models.py, docs/benchmarks.md).
 
 import ctypes
 import ctypes.util
+import hashlib
 import logging
 import os
+import shutil
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -35,6 +46,10 @@ CANDIDATES = [
 ]
 
 loaded_library: Optional[str] = None
+
+# The loaded gemv_forward library, or None when single-row products go to
+# cblas_sgemm as MLX sends them.
+gemv_forward: Optional[ctypes.CDLL] = None
 
 
 def find_openblas() -> Optional[str]:
@@ -62,6 +77,8 @@ def use_optimized_blas() -> Optional[str]:
     path = setting if setting not in ("1", "") else find_openblas()
     if path is None:
         return None
+    if os.environ.get("RWKV_MLX_GEMV", "1") != "0":
+        _load_gemv_forward(path)
     try:
         ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
     except OSError as error:
@@ -69,3 +86,62 @@ def use_optimized_blas() -> Optional[str]:
         return None
     loaded_library = path
     return path
+
+
+def _load_gemv_forward(blas_path: str) -> None:
+    """Build (once) and load ``gemv_forward.c`` ahead of the BLAS at ``blas_path``.
+
+    Its ``cblas_sgemm`` must become global before the BLAS's own does, so it
+    is loaded privately, pointed at the BLAS, and only then made global. Any
+    failure leaves MLX's products as they are.
+    """
+    global gemv_forward
+    try:
+        library = _build_gemv_forward()
+        forward = ctypes.CDLL(str(library), mode=ctypes.RTLD_LOCAL)
+        status = forward.rwkv_mlx_gemv_forward_init(os.fsencode(blas_path))
+        if status != 0:
+            logger.debug("gemv_forward could not use %s (status %d)", blas_path, status)
+            return
+        forward = ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)
+    except (OSError, subprocess.SubprocessError) as error:
+        logger.debug("single-row products stay with cblas_sgemm: %s", error)
+        return
+    forward.rwkv_mlx_gemv_forwarded.restype = ctypes.c_long
+    gemv_forward = forward
+
+
+def _build_gemv_forward() -> Path:
+    """Return the compiled ``gemv_forward.c``, compiling it into the cache if needed."""
+    source = Path(__file__).with_name("gemv_forward.c")
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rwkv_mlx"
+    library = cache / f"gemv_forward-{digest}.so"
+    if library.exists():
+        return library
+
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if compiler is None:
+        raise OSError("C compiler not found: install cc or set CC to one")
+    cache.mkdir(parents=True, exist_ok=True)
+    # Compile to a temporary name and rename, so a concurrent import never
+    # loads a half-written library.
+    handle, partial = tempfile.mkstemp(dir=cache, suffix=".so")
+    os.close(handle)
+    try:
+        subprocess.run(
+            [compiler, "-O2", "-shared", "-fPIC", str(source), "-o", partial, "-ldl"],
+            check=True, capture_output=True, timeout=120,
+        )
+        os.replace(partial, library)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    logger.debug("compiled %s", library)
+    return library
+
+
+def gemv_forwarded_count() -> Optional[int]:
+    """Return the number of products sent to ``cblas_sgemv``, or None when
+    ``gemv_forward`` is not loaded."""
+    return None if gemv_forward is None else gemv_forward.rwkv_mlx_gemv_forwarded()

@@ -5,8 +5,15 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
+from rwkv_mlx import _blas
 from rwkv_mlx.ops import linear as linear_module
 from rwkv_mlx.ops.linear import linear
+
+
+@pytest.fixture
+def without_gemv_forward(monkeypatch):
+    """Choose the product's form as the CPU backend does without gemv_forward."""
+    monkeypatch.setattr(_blas, "gemv_forward", None)
 
 
 def layer_of(input_dims: int, output_dims: int, bias: bool = False, seed: int = 0) -> nn.Linear:
@@ -26,7 +33,7 @@ def forbid_layer_call(monkeypatch):
 
 
 @pytest.mark.parametrize("input_dims, output_dims", [(96, 24), (24, 40_000)])
-def test_single_row_other_form_matches(input_dims, output_dims, monkeypatch):
+def test_single_row_other_form_matches(input_dims, output_dims, monkeypatch, without_gemv_forward):
     layer = layer_of(input_dims, output_dims)
     x = mx.random.normal((1, 1, input_dims), key=mx.random.key(1))
     expected = layer(x)
@@ -38,7 +45,7 @@ def test_single_row_other_form_matches(input_dims, output_dims, monkeypatch):
     assert mx.allclose(found, expected, atol=1e-5).item()
 
 
-def test_tall_head_blocks_cover_every_row(monkeypatch):
+def test_tall_head_blocks_cover_every_row(monkeypatch, without_gemv_forward):
     monkeypatch.setattr(linear_module, "BLOCK_ROWS", 7)
     monkeypatch.setattr(linear_module, "BLOCK_MIN_ROWS", 20)
     layer = layer_of(8, 23)
@@ -63,3 +70,16 @@ def test_quantized_layer_is_called_as_it_is():
     x = mx.random.normal((1, 1, 128), key=mx.random.key(4))
 
     assert np.array_equal(np.array(linear(layer, x)), np.array(layer(x)))
+
+
+def test_gemv_forward_calls_the_layer(monkeypatch):
+    # With gemv_forward loaded, the layer's own product is the fast one.
+    monkeypatch.setattr(_blas, "gemv_forward", object())
+    layer = layer_of(96, 24)
+    x = mx.random.normal((1, 1, 96), key=mx.random.key(5))
+    calls = []
+    monkeypatch.setattr(nn.Linear, "__call__", lambda self, x: calls.append(x) or x @ self.weight.T)
+
+    linear(layer, x)
+
+    assert len(calls) == 1
