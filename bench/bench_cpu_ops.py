@@ -1,8 +1,9 @@
-"""Time the CPU operations behind rwkv_mlx.ops.fast_math and rwkv_mlx.ops.linear.
+"""Time the CPU operations behind rwkv_mlx.ops.fast_math and rwkv_mlx.ops.linear,
+and the matrix products that bound a LoRA training step.
 
     python bench/bench_cpu_ops.py
 
-Two tables, each against MLX's own operation in the same process:
+Three tables:
 
 - elementwise functions on 393,216 float32 elements (one layer's [512, 768]
   activations at 512 tokens): ``mx.exp`` and ``mx.sigmoid`` against the
@@ -10,15 +11,26 @@ Two tables, each against MLX's own operation in the same process:
   element, best of 7;
 - a linear layer applied to one row (decoding one token) for the weight
   shapes of the 0.1B RWKV-7: ``x @ W^T`` as ``nn.Linear`` computes it, against
-  ``W @ x^T`` and blocks of 4,096 rows, in microseconds, best of 15. Each
+  ``W @ x^T`` and blocks of 4,096 rows, and ``x @ W^T`` with bf16 and 4-bit
+  weights, in microseconds, best of 15. Each
   timing cycles through enough copies of the weight that it comes from memory,
-  not from the cache.
+  not from the cache. The script runs this table twice: in its own process,
+  with rwkv_mlx/gemv_forward.c loaded where it can be, and in a child process
+  with ``RWKV_MLX_GEMV=0``;
+- the matrix products that a LoRA step of the 0.1B shape at 512 tokens cannot
+  avoid, with the base weights frozen: every layer's products forward and the
+  products for the gradient of their inputs backward, and the output head
+  three times (forward, again when the backward pass recomputes the logits,
+  and backward). Best of 3, in seconds, as one graph.
 """
 
 import json
+import os
+import subprocess
+import sys
 import time
 
-import rwkv_mlx  # noqa: F401  (loads the optimized BLAS before mlx.core)
+import rwkv_mlx  # first: loads the optimized BLAS before mlx.core
 
 import mlx.core as mx
 
@@ -60,24 +72,89 @@ def single_row(output_dims: int, input_dims: int, copies: int) -> dict:
         "W @ x^T": lambda w: w @ x.T,
         "blocks of 4096 rows": lambda w: mx.concatenate([x @ w[i : i + 4096].T for i in range(0, output_dims, 4096)], axis=-1),
     }
-    return {name: 1e6 * best_time(lambda: [form(w) for w in weights], 15) / copies for name, form in forms.items()}
+    times = {name: 1e6 * best_time(lambda: [form(w) for w in weights], 15) / copies for name, form in forms.items()}
+
+    # The same product with bf16 and 4-bit weights, as nn.Linear and
+    # nn.QuantizedLinear (group 64) compute it.
+    halves = [w.astype(mx.bfloat16) for w in weights]
+    quarters = [mx.quantize(w, group_size=64, bits=4) for w in weights]
+    mx.eval(halves, quarters)
+    del weights
+    x_half = x.astype(mx.bfloat16)
+    times["bf16 x @ W^T"] = 1e6 * best_time(lambda: [x_half @ w.T for w in halves], 15) / copies
+    times["4-bit x @ W^T"] = 1e6 * best_time(
+        lambda: [mx.quantized_matmul(x, *q, transpose=True, group_size=64, bits=4) for q in quarters], 15
+    ) / copies
+    return times
+
+
+def single_row_table() -> dict:
+    shapes = [(768, 3072, 12), (3072, 768, 12), (768, 768, 48), (65536, 768, 2)]
+    return {f"{o}x{i}": single_row(o, i, copies) for o, i, copies in shapes}
+
+
+def print_single_row(table: dict, label: str) -> None:
+    print(f"one row through a linear layer, us (best of 15), {label}")
+    for shape, row in table.items():
+        cells = "  ".join(f"{name}: {value:8.0f}" for name, value in row.items())
+        print(f"  weight [{shape.replace('x', ', ')}]  {cells}")
+
+
+# The [out, in] weights of one RWKV-7 layer of the 0.1B shape: receptance,
+# key, value and output; channel-mix key and value; the low-rank pairs of
+# the decay, in-context learning rate, value residual and gate.
+LAYER_WEIGHTS = [(768, 768)] * 4 + [(3072, 768), (768, 3072)] + [
+    (64, 768), (768, 64), (64, 768), (768, 64), (32, 768), (768, 32), (128, 768), (768, 128)
+]
+
+
+def lora_step_products(tokens: int = 512, layers: int = 12, vocabulary: int = 65536) -> float:
+    """Return the best of 3 times of the products a LoRA step cannot avoid, in seconds."""
+    weights = [mx.random.normal(shape) * 0.01 for shape in LAYER_WEIGHTS]
+    head = mx.random.normal((vocabulary, 768)) * 0.01
+    mx.eval(weights, head)
+
+    def products():
+        results = []
+        for layer in range(layers):
+            for weight in weights:
+                output_dims, input_dims = weight.shape
+                x = mx.full((tokens, input_dims), 0.01 * (layer + 1))
+                gradient = mx.full((tokens, output_dims), 0.01)
+                results += [(x @ weight.T).sum(), (gradient @ weight).sum()]
+        hidden = mx.full((tokens, 768), 0.01)
+        for _ in range(2):
+            results.append((hidden @ head.T).sum())
+        results.append((mx.full((tokens, vocabulary), 1e-4) @ head).sum())
+        return results
+
+    return best_time(products, 3)
 
 
 def main():
+    if "--single-row-only" in sys.argv:
+        print(json.dumps(single_row_table()))
+        return
+
     times = elementwise()
     print(f"elementwise, ns per element ({ELEMENTS} float32 elements, best of 7)")
     for name, value in times.items():
         print(f"  {name:18s} {value:6.2f}")
 
-    shapes = [(768, 3072, 12), (3072, 768, 12), (768, 768, 48), (65536, 768, 2)]
-    products = {}
-    print("one row through a linear layer, us (best of 15)")
-    for output_dims, input_dims, copies in shapes:
-        row = single_row(output_dims, input_dims, copies)
-        products[f"{output_dims}x{input_dims}"] = row
-        cells = "  ".join(f"{name}: {value:8.0f}" for name, value in row.items())
-        print(f"  weight [{output_dims}, {input_dims}]  {cells}")
-    print(json.dumps({"elementwise_ns": times, "single_row_us": products}))
+    forwarded = rwkv_mlx._blas.gemv_forward is not None
+    products = {"gemv_forward" if forwarded else "sgemm": single_row_table()}
+    if forwarded:
+        child = subprocess.run(
+            [sys.executable, __file__, "--single-row-only"],
+            env=dict(os.environ, RWKV_MLX_GEMV="0"), capture_output=True, text=True, check=True,
+        )
+        products["sgemm"] = json.loads(child.stdout.splitlines()[-1])
+    for label, table in products.items():
+        print_single_row(table, "with gemv_forward" if label == "gemv_forward" else "without gemv_forward")
+
+    floor = lora_step_products()
+    print(f"products of a LoRA step at 512 tokens (best of 3): {floor:.2f} s")
+    print(json.dumps({"elementwise_ns": times, "single_row_us": products, "lora_step_products_s": floor}))
 
 
 if __name__ == "__main__":

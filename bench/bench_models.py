@@ -23,7 +23,8 @@ gives:
   bandwidth (measured here), and the fraction of it each implementation reaches.
 
 Every MLX implementation runs after ``import rwkv_mlx``, so all of them use
-the same BLAS (see rwkv_mlx/_blas.py).
+the same BLAS, and the same single-row products through gemv_forward where it
+is loaded (see rwkv_mlx/_blas.py).
 """
 
 import argparse
@@ -390,6 +391,7 @@ def main():
 
     print(f"machine: {platform.machine()} {platform.system()}, {os.cpu_count()} cores, MLX {mx.__version__}")
     print(f"BLAS for MLX: {rwkv_mlx._blas.loaded_library or 'MLX bundled'}")
+    print(f"single-row products: {'cblas_sgemv (gemv_forward)' if rwkv_mlx._blas.gemv_forward else 'cblas_sgemm'}")
     print(f"read bandwidth: {bandwidth / 1e9:.1f} GB/s")
     header = "  ".join(f"{f'prefill {n}':>9s}" for n in args.lengths)
     print(f"{'implementation':16s} {'format':9s} {header}  {'decode ms':>9s} {'tok/s':>8s}  {'train':>8s}  {'peak MB':>8s}  roofline")
@@ -426,7 +428,8 @@ def main():
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         meta = {"machine": platform.platform(), "cores": os.cpu_count(), "mlx": mx.__version__,
-                "blas": rwkv_mlx._blas.loaded_library, "bandwidth_gbs": bandwidth / 1e9,
+                "blas": rwkv_mlx._blas.loaded_library,
+                "gemv_forward": rwkv_mlx._blas.gemv_forward is not None, "bandwidth_gbs": bandwidth / 1e9,
                 "date": time.strftime("%Y-%m-%d"), "repeats": args.repeats}
         args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
 
