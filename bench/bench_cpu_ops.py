@@ -94,10 +94,11 @@ def single_row_table() -> dict:
 
 
 def print_single_row(table: dict, label: str) -> None:
-    print(f"one row through a linear layer, us (best of 15), {label}")
+    print(f"one row through a linear layer, us (best of 15), {label}; weights are [out, in]")
     for shape, row in table.items():
         cells = "  ".join(f"{name}: {value:8.0f}" for name, value in row.items())
-        print(f"  weight [{shape.replace('x', ', ')}]  {cells}")
+        weight = f"[{shape.replace('x', ', ')}]"
+        print(f"  {weight:13s}  {cells}")
 
 
 # The [out, in] weights of one RWKV-7 layer of the 0.1B shape: receptance,

@@ -11,12 +11,15 @@ Accelerate and Metal there), and has no effect once ``mlx.core`` is imported.
 Set ``RWKV_MLX_BLAS=0`` to turn it off, or to a library path to choose one.
 
 With OpenBLAS, single-row products (decoding) also go to its matrix-vector
-product: ``gemv_forward.c``, compiled once with the system C compiler into
-``~/.cache/rwkv_mlx``, takes MLX's ``cblas_sgemm`` calls and forwards those
-with one row or column to ``cblas_sgemv``. That took decoding the 0.1B shape
-from 42 to 27 ms per token (docs/benchmarks.md). Without a compiler it is
-skipped; set ``RWKV_MLX_GEMV=0`` to turn only it off.
-NOTE: torch in the same process slows down with it loaded: BlinkDL's package
+product. ``gemv_forward.c``, compiled once with the system C compiler into
+``~/.cache/rwkv_mlx`` (or ``$XDG_CACHE_HOME/rwkv_mlx``), takes MLX's
+``cblas_sgemm`` calls and forwards those with one row or column to
+``cblas_sgemv``. That took decoding the 0.1B shape from 42 to 26-28 ms per
+token (docs/benchmarks.md). Where it cannot be compiled or loaded, it is
+skipped and the reason logged at DEBUG level; set ``RWKV_MLX_GEMV=0`` to turn
+only it off.
+
+NOTE: torch in the same process slows down with OpenBLAS loaded: BlinkDL's package
 on torch 2.13 took 198 instead of 34 ms per decoded token on the machine
 above (bench/bench_models.py, docs/benchmarks.md).
 """
@@ -112,20 +115,32 @@ def _load_gemv_forward(blas_path: str) -> None:
 
 
 def _build_gemv_forward() -> Path:
-    """Return the compiled ``gemv_forward.c``, compiling it into the cache if needed."""
+    """Return the compiled ``gemv_forward.c``, compiling it into the cache if needed.
+
+    Beside the library, ``<library>.sha256`` records its checksum. A library
+    whose checksum is missing or differs (truncated, overwritten) is compiled
+    again, because loading a damaged library can crash the process.
+    """
     source = Path(__file__).with_name("gemv_forward.c")
     digest = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rwkv_mlx"
     library = cache / f"gemv_forward-{digest}.so"
-    if library.exists():
-        return library
+    checksum = library.with_name(library.name + ".sha256")
+    if library.exists() and checksum.exists():
+        if hashlib.sha256(library.read_bytes()).hexdigest() == checksum.read_text().strip():
+            return library
+        logger.debug("%s does not match its checksum in %s, so it is compiled again", library, checksum)
 
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if os.environ.get("CC"):
+        compiler = shutil.which(os.environ["CC"])
+    else:
+        compiler = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if compiler is None:
-        raise OSError("C compiler not found: install cc or set CC to one")
+        raise OSError(f"C compiler {os.environ.get('CC', 'cc')!r} not found: install one or set CC to one")
     cache.mkdir(parents=True, exist_ok=True)
+
     # Compile to a temporary name and rename, so a concurrent import never
-    # loads a half-written library.
+    # loads a half-written library. The checksum is written last.
     handle, partial = tempfile.mkstemp(dir=cache, suffix=".so")
     os.close(handle)
     try:
@@ -133,12 +148,26 @@ def _build_gemv_forward() -> Path:
             [compiler, "-O2", "-shared", "-fPIC", str(source), "-o", partial, "-ldl"],
             check=True, capture_output=True, timeout=120,
         )
+        written = hashlib.sha256(Path(partial).read_bytes()).hexdigest()
         os.replace(partial, library)
+        _write_atomically(checksum, written + "\n")
     finally:
         if os.path.exists(partial):
             os.unlink(partial)
     logger.debug("compiled %s", library)
     return library
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder."""
+    handle, partial = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as file:
+            file.write(text)
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
 
 
 def gemv_forwarded_count() -> Optional[int]:

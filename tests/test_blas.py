@@ -105,8 +105,31 @@ def test_fresh_import_compiles_into_the_cache(tmp_path):
     assert found["blas"] == _blas.find_openblas()
     assert found["gemv"] == 1
     assert found["y"] == [[64.0] * 8]
-    assert len(list((tmp_path / "cache" / "rwkv_mlx").glob("gemv_forward-*.so"))) == 1
-    assert list((tmp_path / "cache" / "rwkv_mlx").glob("*")) == list((tmp_path / "cache" / "rwkv_mlx").glob("gemv_forward-*.so"))
+    libraries = list((tmp_path / "cache" / "rwkv_mlx").glob("gemv_forward-*.so"))
+    assert len(libraries) == 1
+    assert sorted(p.name for p in (tmp_path / "cache" / "rwkv_mlx").iterdir()) == [
+        libraries[0].name,
+        libraries[0].name + ".sha256",
+    ]
+
+
+@needs_openblas
+@pytest.mark.parametrize("damage", ["truncated", "no checksum"])
+def test_damaged_cached_library_is_rebuilt(tmp_path, damage):
+    # Loading a truncated library can crash the process, so it must be
+    # compiled again, not loaded.
+    probe(tmp_path)
+    library = next((tmp_path / "cache" / "rwkv_mlx").glob("gemv_forward-*.so"))
+    whole = library.read_bytes()
+    if damage == "truncated":
+        library.write_bytes(whole[:3000])
+    else:
+        library.with_name(library.name + ".sha256").unlink()
+
+    found = probe(tmp_path)
+
+    assert found["gemv"] == 1
+    assert library.read_bytes() == whole
 
 
 @needs_openblas

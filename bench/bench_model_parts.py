@@ -1,0 +1,95 @@
+"""Split rwkv_mlx's prefill and decode time into matrix products, the WKV
+recurrence and the rest, by timing the model with parts replaced.
+
+    python bench/bench_model_parts.py
+
+The model is bench_models.py's random RWKV-7 of the 0.1B shape in float32.
+Each variant runs in its own process, because it replaces functions for the
+whole process:
+
+- ``full``: the model as it is;
+- ``no products``: every linear layer returns a zero array of its output
+  shape instead of its product;
+- ``no WKV``: the WKV recurrence returns the receptance as its output and
+  leaves the state as it is;
+- ``neither``: both replaced.
+
+Prefill is 512 tokens, the best of 5 after one untimed run; decode is the
+median of 64 tokens after 10 untimed ones. The differences estimate what the
+products and the recurrence cost. The parts overlap a little (the rest of a
+layer reads the products' outputs), so the differences need not add up.
+"""
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import rwkv_mlx  # first: loads the optimized BLAS before mlx.core
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_models import SHAPE_0_1B, MlxRunner, build_mlx_model, random_canonical_weights  # noqa: E402
+
+VARIANTS = ["full", "no products", "no WKV", "neither"]
+
+
+def zero_product(layer: nn.Module, x: mx.array) -> mx.array:
+    """Return zeros shaped like ``layer(x)``, still depending on ``x``."""
+    return x[..., :1] * mx.zeros((layer.weight.shape[0],), dtype=x.dtype)
+
+
+def measure(variant: str) -> dict:
+    from rwkv_mlx.models import rwkv7
+
+    if variant in ("no products", "neither"):
+        nn.Linear.__call__ = zero_product
+        rwkv7.linear = zero_product
+    if variant in ("no WKV", "neither"):
+        rwkv7.wkv7 = lambda r, w, k, v, a, b, state: (r.astype(mx.float32), state)
+
+    model = build_mlx_model("rwkv_mlx", random_canonical_weights(SHAPE_0_1B), SHAPE_0_1B, "float32")
+    prompt = np.random.default_rng(1).integers(0, SHAPE_0_1B["vocab_size"], 512)
+    prefill_seconds = 512 / MlxRunner("rwkv_mlx", model, 5).prefill(prompt)
+
+    cache = model.make_cache()
+    token = mx.array([[1]])
+    for _ in range(10):
+        mx.eval(model(token, cache=cache))
+    times = []
+    for _ in range(64):
+        start = time.perf_counter()
+        mx.eval(model(token, cache=cache))
+        times.append(time.perf_counter() - start)
+    return {"prefill_512_s": prefill_seconds, "decode_ms": 1e3 * statistics.median(times)}
+
+
+def main():
+    if len(sys.argv) == 3 and sys.argv[1] == "--variant":
+        print(json.dumps(measure(sys.argv[2])))
+        return
+
+    results = {}
+    for variant in VARIANTS:
+        child = subprocess.run(
+            [sys.executable, __file__, "--variant", variant], capture_output=True, text=True, check=True
+        )
+        results[variant] = json.loads(child.stdout.splitlines()[-1])
+        print(f"{variant:12s} prefill 512: {results[variant]['prefill_512_s']:.3f} s   decode: {results[variant]['decode_ms']:.1f} ms")
+
+    full, no_products, no_wkv = results["full"], results["no products"], results["no WKV"]
+    for key, unit in (("prefill_512_s", "s"), ("decode_ms", "ms")):
+        print(
+            f"{key}: products about {full[key] - no_products[key]:.3f} {unit}, "
+            f"WKV about {full[key] - no_wkv[key]:.3f} {unit}, the rest about {results['neither'][key]:.3f} {unit}"
+        )
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
