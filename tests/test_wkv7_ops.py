@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from rwkv_mlx.ops import wkv7
+from rwkv_mlx.ops.chunks import unstack_chunks
 from rwkv_mlx.ops.wkv7 import wkv7_chunked, wkv7_serial
 
 
@@ -108,3 +109,20 @@ def test_gradients_flow_through_chunked_form():
         assert mx.abs(g_s - g_c).max().item() / scale <= 1e-4, name
     scale = mx.abs(grads_serial[6]).max().item()
     assert mx.abs(grads_serial[6] - grads_chunked[6]).max().item() / scale <= 1e-4
+
+
+def test_unstack_chunks_gradient_matches_indexing():
+    x = mx.random.normal((2, 3, 5, 4), key=mx.random.key(0))
+    weights = mx.random.normal((5, 2, 3, 4), key=mx.random.key(1))
+
+    def loss(chunks):
+        # The last chunk stays unused, so its gradient must come back as zeros.
+        return sum((chunk * weights[c]).sum() for c, chunk in enumerate(chunks[:-1]))
+
+    found = mx.grad(lambda x: loss(unstack_chunks(x, 2)))(x)
+    expected = mx.grad(lambda x: loss([x[:, :, c] for c in range(5)]))(x)
+
+    assert len(unstack_chunks(x, 2)) == 5
+    assert mx.array_equal(unstack_chunks(x, 2)[3], x[:, :, 3]).item()
+    assert mx.allclose(found, expected).item()
+    assert mx.all(found[:, :, -1] == 0).item()

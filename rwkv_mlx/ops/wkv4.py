@@ -27,6 +27,7 @@ from typing import Optional, Tuple
 
 import mlx.core as mx
 
+from .chunks import unstack_chunks
 from .fast_math import exp
 
 DEFAULT_CHUNK_LENGTH = 8
@@ -223,7 +224,7 @@ def wkv4_chunked(
     inner = _chunk_inner(chunked(k), chunked(v), chunked(log_decay), chunked(valid.astype(mx.float32)), u.astype(mx.float32))
 
     outputs = []
-    for c in range(chunks):
-        wkv, state = _chunk_step(state, *(x[:, c] for x in inner))
+    for operands in zip(*(unstack_chunks(x, 1) for x in inner)):
+        wkv, state = _chunk_step(state, *operands)
         outputs.append(wkv)
     return mx.concatenate(outputs, axis=1)[:, :T], state

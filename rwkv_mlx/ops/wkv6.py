@@ -27,6 +27,7 @@ from typing import Tuple
 
 import mlx.core as mx
 
+from .chunks import unstack_chunks
 from .fast_math import exp
 
 # Measured on the Linux CPU backend (2 cores, B=1, T=512, H=16, N=64): 0.14 s
@@ -152,8 +153,8 @@ def wkv6_chunked(r, w, k, v, u, state, chunk_length: int = DEFAULT_CHUNK_LENGTH)
     inner = _chunk_inner(r, w, k, v, u.astype(mx.float32))
 
     outputs = []
-    for c in range(padded_length // chunk_length):
-        y, state = _chunk_step(state, v[:, :, c], *(x[:, :, c] for x in inner))
+    for operands in zip(*(unstack_chunks(x, 2) for x in (v, *inner))):
+        y, state = _chunk_step(state, *operands)
         outputs.append(y)
 
     y = mx.stack(outputs, axis=2)  # [B, H, C, L, N]

@@ -20,6 +20,7 @@ from functools import partial
 
 import mlx.core as mx
 
+from .chunks import unstack_chunks
 from .fast_math import exp
 
 DEFAULT_CHUNK_LENGTH = 16
@@ -181,8 +182,8 @@ def wkv7_chunked(r, w, k, v, a, b, state, chunk_length: int = DEFAULT_CHUNK_LENG
     inner = _chunk_inner(r, w, k, v, a, b)
 
     ys = []
-    for c in range(padded_length // chunk_length):
-        y, state = _chunk_step(state, v[:, :, c], *(x[:, :, c] for x in inner))
+    for operands in zip(*(unstack_chunks(x, 2) for x in (v, *inner))):
+        y, state = _chunk_step(state, *operands)
         ys.append(y)
 
     y = mx.stack(ys, axis=2)  # [B, H, C, L, N]
