@@ -18,6 +18,8 @@ Prefill is 512 tokens, the best of 5 after one untimed run; decode is the
 median of 64 tokens after 10 untimed ones. The differences estimate what the
 products and the recurrence cost. The parts overlap a little (the rest of a
 layer reads the products' outputs), so the differences need not add up.
+The last line printed is all results as JSON; ``--json PATH`` also writes it
+to a file.
 """
 
 import json
@@ -89,6 +91,8 @@ def main():
             f"WKV about {full[key] - no_wkv[key]:.3f} {unit}, the rest about {results['neither'][key]:.3f} {unit}"
         )
     print(json.dumps(results))
+    if "--json" in sys.argv:
+        Path(sys.argv[sys.argv.index("--json") + 1]).write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

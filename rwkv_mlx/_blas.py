@@ -14,7 +14,7 @@ With OpenBLAS, single-row products (decoding) also go to its matrix-vector
 product. ``gemv_forward.c``, compiled once with the system C compiler into
 ``~/.cache/rwkv_mlx`` (or ``$XDG_CACHE_HOME/rwkv_mlx``), takes MLX's
 ``cblas_sgemm`` calls and forwards those with one row or column to
-``cblas_sgemv``. That took decoding the 0.1B shape from 42 to 26-28 ms per
+``cblas_sgemv``. That took decoding the 0.1B shape from 42 to 25-28 ms per
 token (docs/benchmarks.md). Where it cannot be compiled or loaded, it is
 skipped and the reason logged at DEBUG level; set ``RWKV_MLX_GEMV=0`` to turn
 only it off.

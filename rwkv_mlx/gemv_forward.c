@@ -5,7 +5,7 @@
  * MLX sends every float32 product to cblas_sgemm, also when one side is a
  * single row or column, as in decoding one token. For one row, OpenBLAS 0.3.21
  * (Debian 12) read [3072, 768], [768, 3072] and [65536, 768] weights at 11 to
- * 17 GB/s through cblas_sgemm and at 28 to 43 GB/s through cblas_sgemv (2-core
+ * 17 GB/s through cblas_sgemm and at 27 to 43 GB/s through cblas_sgemv (2-core
  * x86_64 VM, bench/bench_cpu_ops.py, docs/benchmarks.md). rwkv_mlx/_blas.py compiles this file, loads it before
  * MLX, and so MLX's cblas_sgemm calls land here: products with M = 1 or N = 1
  * go to cblas_sgemv, every other product to OpenBLAS's cblas_sgemm.
