@@ -71,6 +71,28 @@ def random_model(config: dict = None, seed: int = 0, dtype=mx.float32) -> rwkv7.
 OLDER_MODULES = {"4": rwkv4, "5": rwkv5, "5.1": rwkv5, "5.2": rwkv5, "6": rwkv6}
 
 
+def two_layer_older_config(version: str, vocab_size: int, hidden_size: int, intermediate_size: int, head_dim: int) -> dict:
+    """Return the config of a two-layer RWKV-4, 5.x or 6 model of these sizes.
+
+    RWKV-4 has no heads, so ``head_dim`` applies from 5.0 on. Only 5.x configs
+    name their version, which tells 5.0, 5.1 and 5.2 apart.
+    """
+    config = dict(
+        model_type=f"rwkv{version[0]}",
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=2,
+    )
+    if version != "4":
+        config["head_dim"] = head_dim
+    if version.startswith("5"):
+        config["version"] = version
+    if version == "6":
+        config.update(mix_low_rank_dim=8, decay_low_rank_dim=8)
+    return config
+
+
 def _older_value(name: str, shape, rng) -> np.ndarray:
     """Return a random value for one RWKV-4, 5.x or 6 parameter, in a trained-like range."""
     if name.endswith("norm.weight"):

@@ -23,7 +23,7 @@ from rwkv_mlx.io.errors import CheckpointError
 from rwkv_mlx.io.layout_older import infer_config, official_to_canonical
 from rwkv_mlx.loading import build_model, load_model, save_model
 from rwkv_mlx.models import rwkv4, rwkv5, rwkv6
-from random_models import OLDER_MODULES, random_older_model
+from random_models import OLDER_MODULES, random_older_model, two_layer_older_config
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 PARITY_CASES = {
@@ -165,20 +165,7 @@ def test_rwkv_cpp_v5_keeps_its_group_norm_epsilon(rwkv_cpp_tiny):
 
 
 def tiny_config(version: str) -> dict:
-    config = dict(
-        model_type=f"rwkv{version[0]}",
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=96,
-        num_hidden_layers=2,
-    )
-    if version != "4":
-        config["head_dim"] = 16
-    if version.startswith("5"):
-        config["version"] = version
-    if version == "6":
-        config.update(mix_low_rank_dim=8, decay_low_rank_dim=8)
-    return config
+    return two_layer_older_config(version, vocab_size=64, hidden_size=32, intermediate_size=96, head_dim=16)
 
 
 MODULES = OLDER_MODULES

@@ -15,7 +15,14 @@ from mlx.utils import tree_flatten
 
 from rwkv_mlx.tuner.adapters import prepare_for_training
 from rwkv_mlx.tuner.trainer import TrainingArgs, batch_loss_and_grad, sequence_loss
-from tuner_helpers import assert_metal_gradients_match, cast_trainable, random_batch, randomize_trainable, tiny_model
+from tuner_helpers import (
+    assert_metal_gradients_match,
+    cast_trainable,
+    plain_and_checkpointed,
+    random_batch,
+    randomize_trainable,
+    tiny_model,
+)
 
 EPSILON = 1e-2
 RELATIVE_TOLERANCE = 1e-2
@@ -72,10 +79,8 @@ def test_gradient_matches_finite_differences(mode):
 def test_checkpointed_gradient_equals_plain(mode):
     model = prepared_model(mode)
     batch = random_batch(batch_size=2, length=40, seed=7)
-    value_and_grad = nn.value_and_grad(model, sequence_loss)
 
-    plain = batch_loss_and_grad(model, batch, TrainingArgs(max_seq_length=64), value_and_grad)
-    checkpointed = batch_loss_and_grad(model, batch, TrainingArgs(max_seq_length=64, grad_checkpoint=True), value_and_grad)
+    plain, checkpointed = plain_and_checkpointed(model, batch, max_seq_length=64)
 
     assert abs(plain[0] - checkpointed[0]) <= 1e-12
     for (name, a), (_, b) in zip(tree_flatten(plain[2]), tree_flatten(checkpointed[2])):

@@ -30,7 +30,14 @@ from rwkv_mlx.tuner.trainer import (
     initial_states,
     sequence_loss,
 )
-from tuner_helpers import assert_metal_gradients_match, cast_trainable, older_model, random_batch, randomize_trainable
+from tuner_helpers import (
+    assert_metal_gradients_match,
+    cast_trainable,
+    older_model,
+    plain_and_checkpointed,
+    random_batch,
+    randomize_trainable,
+)
 
 EPSILON = 1e-2
 RELATIVE_TOLERANCE = 1e-2
@@ -154,10 +161,8 @@ def test_state_gradient_names(version):
 def test_checkpointed_gradient_equals_plain(version, mode):
     model = prepared_model(version, mode)
     batch = random_batch(batch_size=2, length=40, seed=7)
-    value_and_grad = nn.value_and_grad(model, sequence_loss)
 
-    plain = batch_loss_and_grad(model, batch, TrainingArgs(max_seq_length=16), value_and_grad)
-    checkpointed = batch_loss_and_grad(model, batch, TrainingArgs(max_seq_length=16, grad_checkpoint=True), value_and_grad)
+    plain, checkpointed = plain_and_checkpointed(model, batch, max_seq_length=16)
 
     # The float32 WKV-5/6 gradients of the recomputed blocks differ in
     # rounding: measured up to 3e-7 of the largest gradient.

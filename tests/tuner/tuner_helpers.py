@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_map
 
-from random_models import OLDER_MODULES, TINY_CONFIG, random_model, random_older_model
+from random_models import OLDER_MODULES, TINY_CONFIG, random_model, random_older_model, two_layer_older_config
 from rwkv_mlx.tuner import DEFAULT_LORA_KEYS, TrainingArgs, save_adapter_config, train
 from rwkv_mlx.tuner.datasets import make_example
 from rwkv_mlx.tuner.trainer import batch_loss_and_grad, collate, sequence_loss
@@ -63,19 +63,8 @@ OLDER_VERSIONS = list(OLDER_MODULES)
 def older_config(version: str) -> dict:
     """The config.json of a tiny RWKV-4, 5.x or 6 model: byte vocabulary,
     width 64 (one quantization group), two layers of two heads."""
-    config = dict(
-        model_type=f"rwkv{version[0]}",
-        version=version,
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-    )
-    if version != "4":
-        config["head_dim"] = 32
-    if version == "6":
-        config.update(mix_low_rank_dim=8, decay_low_rank_dim=8)
-    return config
+    config = two_layer_older_config(version, vocab_size=256, hidden_size=64, intermediate_size=128, head_dim=32)
+    return dict(config, version=version)
 
 
 def older_model(version: str, seed: int = 0, dtype=mx.float32):
@@ -150,6 +139,25 @@ def train_steps(model, folder, iters, fine_tune_type, examples, learning_rate=1e
 def base_name(name: str) -> str:
     """The base model's name of a parameter of a LoRA or DoRA model."""
     return name.replace(".linear.", ".")
+
+
+def assert_only_adapters_changed(before: Dict[str, np.ndarray], after: Dict[str, np.ndarray]) -> None:
+    """Check that every weight of ``after`` but the LoRA matrices equals its
+    base weight in ``before`` (both from ``all_weights``)."""
+    for name, value in after.items():
+        if not name.endswith(("lora_a", "lora_b")):
+            assert np.array_equal(value, before[base_name(name)]), name
+
+
+def plain_and_checkpointed(model, batch, max_seq_length: int) -> tuple:
+    """Return ``batch_loss_and_grad`` of ``batch`` without and with gradient
+    checkpointing, in chunks of ``max_seq_length``."""
+    value_and_grad = nn.value_and_grad(model, sequence_loss)
+    plain = batch_loss_and_grad(model, batch, TrainingArgs(max_seq_length=max_seq_length), value_and_grad)
+    checkpointed = batch_loss_and_grad(
+        model, batch, TrainingArgs(max_seq_length=max_seq_length, grad_checkpoint=True), value_and_grad
+    )
+    return plain, checkpointed
 
 
 def assert_metal_gradients_match(model, monkeypatch) -> None:
