@@ -104,6 +104,8 @@ def token_shift(x: mx.array, previous: Optional[mx.array], mask: Optional[mx.arr
         x = mx.where(mask[..., None], x, previous)
         last = mx.max(mx.where(mask, mx.arange(T), 0), axis=1)
         shift_out = mx.take_along_axis(x, last[:, None, None], axis=1)
+    elif T == 1:
+        shift_out = x
     else:
         shift_out = mx.contiguous(x[:, -1:, :])
     if T == 1:
@@ -113,7 +115,7 @@ def token_shift(x: mx.array, previous: Optional[mx.array], mask: Optional[mx.arr
     # A slice, or a copy that MLX schedules after the whole model as it does
     # for outputs such as the cache, keeps every layer's [B, T, C] input alive
     # until the end. For a 512-token prefill of the 0.1B shape in float32 that
-    # raised the peak from 36 to 91 MB above the weights (docs/benchmarks.md).
+    # raised the peak from 36 to 91 MB above the weights (timed by hand).
     shifted = mx.concatenate([previous, x[:, :-1, :]], axis=1)
     return mx.depends(shifted, shift_out), shift_out
 
