@@ -15,8 +15,8 @@ Three tables:
   weights, in microseconds, best of 15. Each
   timing cycles through enough copies of the weight that it comes from memory,
   not from the cache. The script runs this table twice: in its own process,
-  with rwkv_mlx/gemv_forward.c loaded where it can be, and in a child process
-  with ``RWKV_MLX_GEMV=0``;
+  with rwkv_mlx/gemv_forward.c loaded where it can be, and the float32 forms
+  again in a child process with ``RWKV_MLX_GEMV=0``;
 - the matrix products that a LoRA step of the 0.1B shape at 512 tokens cannot
   avoid, with the base weights frozen: every layer's products forward and the
   products for the gradient of their inputs backward, and the output head
@@ -24,8 +24,8 @@ Three tables:
   time, when the backward pass recomputes the logits to save memory, so it is
   not counted. Best of 3, in seconds, as one graph.
 
-The last line printed is all results as JSON; ``--json PATH`` also writes it
-to a file.
+The last line printed is all results as JSON, and ``--json PATH`` also
+writes them to a file.
 """
 
 import json
@@ -68,7 +68,7 @@ def elementwise() -> dict:
     return {name: 1e9 * best_time(function, 7) / ELEMENTS for name, function in functions.items()}
 
 
-def single_row(output_dims: int, input_dims: int, copies: int) -> dict:
+def single_row(output_dims: int, input_dims: int, copies: int, low_precision: bool) -> dict:
     weights = [mx.random.normal((output_dims, input_dims)) for _ in range(copies)]
     x = mx.random.normal((1, input_dims))
     mx.eval(weights, x)
@@ -78,13 +78,14 @@ def single_row(output_dims: int, input_dims: int, copies: int) -> dict:
         "blocks of 4096 rows": lambda w: mx.concatenate([x @ w[i : i + 4096].T for i in range(0, output_dims, 4096)], axis=-1),
     }
     times = {name: 1e6 * best_time(lambda: [form(w) for w in weights], 15) / copies for name, form in forms.items()}
+    if not low_precision:
+        return times
 
     # The same product with bf16 and 4-bit weights, as nn.Linear and
     # nn.QuantizedLinear (group 64) compute it.
     halves = [w.astype(mx.bfloat16) for w in weights]
     quarters = [mx.quantize(w, group_size=64, bits=4) for w in weights]
     mx.eval(halves, quarters)
-    del weights
     x_half = x.astype(mx.bfloat16)
     times["bf16 x @ W^T"] = 1e6 * best_time(lambda: [x_half @ w.T for w in halves], 15) / copies
     times["4-bit x @ W^T"] = 1e6 * best_time(
@@ -93,9 +94,9 @@ def single_row(output_dims: int, input_dims: int, copies: int) -> dict:
     return times
 
 
-def single_row_table() -> dict:
+def single_row_table(low_precision: bool = True) -> dict:
     shapes = [(768, 3072, 12), (3072, 768, 12), (768, 768, 48), (65536, 768, 2)]
-    return {f"{o}x{i}": single_row(o, i, copies) for o, i, copies in shapes}
+    return {f"{o}x{i}": single_row(o, i, copies, low_precision) for o, i, copies in shapes}
 
 
 def print_single_row(table: dict, label: str) -> None:
@@ -139,7 +140,7 @@ def lora_step_products(tokens: int = 512, layers: int = 12, vocabulary: int = 65
 
 def main():
     if "--single-row-only" in sys.argv:
-        print(json.dumps(single_row_table()))
+        print(json.dumps(single_row_table(low_precision=False)))
         return
 
     times = elementwise()
