@@ -18,8 +18,8 @@ Prefill is 512 tokens, the best of 5 after one untimed run; decode is the
 median of 64 tokens after 10 untimed ones. The differences estimate what the
 products and the recurrence cost. The parts overlap a little (the rest of a
 layer reads the products' outputs), so the differences need not add up.
-The last line printed is all results as JSON; ``--json PATH`` also writes it
-to a file.
+The last line printed is all results as JSON, and ``--json PATH`` also
+writes them to a file.
 """
 
 import json

@@ -111,10 +111,11 @@ def test_bfloat16_weights_do_not_drift():
 
 
 @pytest.mark.parametrize("version", ["7", "4"])
-def test_prefill_cache_does_not_hold_layer_inputs(version):
-    # The carried token-shift vectors must be copies made as each layer runs:
-    # a slice, or a copy MLX schedules last, keeps every layer's whole input
-    # alive until the prefill ends, and the cache holds them afterwards.
+def test_prefill_cache_keeps_no_layer_inputs(version):
+    # The carried token-shift vectors and WKV state must be computed as each
+    # layer runs. A slice, or an array MLX schedules last, keeps every layer's
+    # whole input alive until the prefill ends, and a slice in the cache keeps
+    # it afterwards.
     width, layers = 256, 16
     if version == "7":
         model = random_model(dict(TINY_CONFIG, hidden_size=width, intermediate_size=width, num_hidden_layers=layers))
@@ -133,7 +134,7 @@ def test_prefill_cache_does_not_hold_layer_inputs(version):
 
     prefill_peak(model.make_cache())
     peak_without_cache, _ = prefill_peak(None)
-    peak_with_cache, held = prefill_peak(model.make_cache())
+    peak_with_cache, still_allocated = prefill_peak(model.make_cache())
     # What stays is the state and the carried vectors, far below one input per layer.
-    assert held < 4 * layer_input, f"{held} bytes stay allocated after the prefill"
+    assert still_allocated < 4 * layer_input, f"{still_allocated} bytes stay allocated after the prefill"
     assert peak_with_cache < peak_without_cache + 2 * layer_input, (peak_with_cache, peak_without_cache)
