@@ -75,7 +75,7 @@ def two_layer_older_config(version: str, vocab_size: int, hidden_size: int, inte
     """Return the config of a two-layer RWKV-4, 5.x or 6 model of these sizes.
 
     RWKV-4 has no heads, so ``head_dim`` applies from 5.0 on. Only 5.x configs
-    name their version, which tells 5.0, 5.1 and 5.2 apart.
+    name their version, which distinguishes 5.0, 5.1 and 5.2.
     """
     config = dict(
         model_type=f"rwkv{version[0]}",
