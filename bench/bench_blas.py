@@ -13,6 +13,8 @@ import os
 import subprocess
 import sys
 
+from machine import processor_name
+
 CHILD = """
 import time
 import rwkv_mlx
@@ -33,11 +35,13 @@ def run(setting: str):
 
 
 def main():
+    processor = processor_name()
+    print(f"processor: {processor}, {os.cpu_count()} cores")
     rows = {name: run(setting) for name, setting in (("bundled", "0"), ("default", "1"))}
     for name, (library, gflops) in rows.items():
         print(f"{name:8s} {gflops:8.1f} GFLOP/s  {library}")
     print(f"speedup {rows['default'][1] / rows['bundled'][1]:.1f}x")
-    print(json.dumps({k: {"library": v[0], "gflops": v[1]} for k, v in rows.items()}))
+    print(json.dumps({"processor": processor, **{k: {"library": v[0], "gflops": v[1]} for k, v in rows.items()}}))
 
 
 if __name__ == "__main__":

@@ -20,14 +20,15 @@ Three tables:
 - the matrix products that a LoRA step of the 0.1B shape at 512 tokens cannot
   avoid, with the base weights frozen: every layer's products forward and the
   products for the gradient of their inputs backward, and the output head
-  twice (forward and backward). rwkv_mlx's trainer applies the head a third
-  time, when the backward pass recomputes the logits to save memory, so it is
-  not counted. Best of 3, in seconds, as one graph.
+  twice (forward and backward). rwkv_mlx's trainer does the head's two
+  products in its forward pass, a chunk of tokens at a time (see
+  rwkv_mlx/tuner/losses.py). Best of 3, in seconds, as one graph.
 
 The last line printed is all results as JSON, and ``--json PATH`` also
 writes them to a file.
 """
 
+import argparse
 import json
 import os
 import subprocess
@@ -40,6 +41,8 @@ import rwkv_mlx  # first: loads the optimized BLAS before mlx.core
 import mlx.core as mx
 
 from rwkv_mlx.ops import fast_math
+
+from machine import describe as describe_machine, summary as machine_summary
 
 ELEMENTS = 393_216
 
@@ -139,10 +142,17 @@ def lora_step_products(tokens: int = 512, layers: int = 12, vocabulary: int = 65
 
 
 def main():
-    if "--single-row-only" in sys.argv:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", type=Path, help="Also write the results to this JSON file.")
+    # Used for the child process that times single rows without gemv_forward.
+    parser.add_argument("--single-row-only", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.single_row_only:
         print(json.dumps(single_row_table(low_precision=False)))
         return
 
+    machine = describe_machine()
+    print(f"machine: {machine_summary(machine)}")
     times = elementwise()
     print(f"elementwise, ns per element ({ELEMENTS} float32 elements, best of 7)")
     for name, value in times.items():
@@ -161,10 +171,12 @@ def main():
 
     floor = lora_step_products()
     print(f"products of a LoRA step at 512 tokens (best of 3): {floor:.2f} s")
-    results = json.dumps({"elementwise_ns": times, "single_row_us": products, "lora_step_products_s": floor})
+    results = json.dumps(
+        {"machine": machine, "elementwise_ns": times, "single_row_us": products, "lora_step_products_s": floor}
+    )
     print(results)
-    if "--json" in sys.argv:
-        Path(sys.argv[sys.argv.index("--json") + 1]).write_text(results + "\n")
+    if args.json:
+        args.json.write_text(results + "\n")
 
 
 if __name__ == "__main__":

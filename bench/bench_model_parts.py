@@ -22,6 +22,7 @@ The last line printed is all results as JSON, and ``--json PATH`` also
 writes them to a file.
 """
 
+import argparse
 import json
 import statistics
 import subprocess
@@ -37,6 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_models import SHAPE_0_1B, MlxRunner, build_mlx_model, random_canonical_weights  # noqa: E402
+from machine import describe as describe_machine, summary as machine_summary  # noqa: E402
 
 VARIANTS = ["full", "no products", "no WKV", "neither"]
 
@@ -72,10 +74,17 @@ def measure(variant: str) -> dict:
 
 
 def main():
-    if len(sys.argv) == 3 and sys.argv[1] == "--variant":
-        print(json.dumps(measure(sys.argv[2])))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", type=Path, help="Also write the results to this JSON file.")
+    # Used for the child process of each variant.
+    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.variant:
+        print(json.dumps(measure(args.variant)))
         return
 
+    machine = describe_machine()
+    print(f"machine: {machine_summary(machine)}")
     results = {}
     for variant in VARIANTS:
         child = subprocess.run(
@@ -91,8 +100,8 @@ def main():
             f"WKV about {full[key] - no_wkv[key]:.3f} {unit}, the rest about {results['neither'][key]:.3f} {unit}"
         )
     print(json.dumps(results))
-    if "--json" in sys.argv:
-        Path(sys.argv[sys.argv.index("--json") + 1]).write_text(json.dumps(results, indent=2) + "\n")
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine, "results": results}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ import gc
 import json
 import math
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -50,6 +49,8 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from rwkv_mlx.models import rwkv7
+
+from machine import describe as describe_machine, summary as machine_summary
 
 SHAPE_0_1B = dict(
     model_type="rwkv7",
@@ -191,7 +192,8 @@ class MlxRunner:
 
     def train_step(self, ids: np.ndarray) -> float:
         """Time one LoRA step, each implementation with its own training loss:
-        rwkv_mlx's trainer (``sequence_loss``, chunked cross-entropy) and
+        rwkv_mlx's trainer (``sequence_loss`` as its training step calls it,
+        chunked cross-entropy with the gradient taken in the forward pass) and
         mlx-lm's (the dense cross-entropy of ``mlx_lm.tuner.trainer``). Both
         get the same adapters, from mlx-lm's ``linear_to_lora_layers``."""
         from mlx_lm.tuner.utils import linear_to_lora_layers
@@ -208,7 +210,7 @@ class MlxRunner:
             positions = mx.arange(inputs.size)
 
             def loss_fn(model):
-                loss, _ = sequence_loss(model, inputs, targets, positions, None, inputs.size)
+                loss, _ = sequence_loss(model, inputs, targets, positions, None, inputs.size, gradient_in_forward=True)
                 return loss
 
         else:
@@ -389,9 +391,8 @@ def main():
         return 0
     bandwidth = measure_read_bandwidth()
 
-    print(f"machine: {platform.machine()} {platform.system()}, {os.cpu_count()} cores, MLX {mx.__version__}")
-    print(f"BLAS for MLX: {rwkv_mlx._blas.loaded_library or 'MLX bundled'}")
-    print(f"single-row products: {'cblas_sgemv (gemv_forward)' if rwkv_mlx._blas.gemv_forward else 'cblas_sgemm'}")
+    machine = describe_machine()
+    print(f"machine: {machine_summary(machine)}")
     print(f"read bandwidth: {bandwidth / 1e9:.1f} GB/s")
     header = "  ".join(f"{f'prefill {n}':>9s}" for n in args.lengths)
     print(f"{'implementation':16s} {'format':9s} {header}  {'decode ms':>9s} {'tok/s':>8s}  {'train':>8s}  {'peak MB':>8s}  roofline")
@@ -427,10 +428,7 @@ def main():
 
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"machine": platform.platform(), "cores": os.cpu_count(), "mlx": mx.__version__,
-                "blas": rwkv_mlx._blas.loaded_library,
-                "gemv_forward": rwkv_mlx._blas.gemv_forward is not None, "bandwidth_gbs": bandwidth / 1e9,
-                "date": time.strftime("%Y-%m-%d"), "repeats": args.repeats}
+        meta = {**machine, "bandwidth_gbs": bandwidth / 1e9, "repeats": args.repeats}
         args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
 
 

@@ -72,9 +72,11 @@ def test_trailing_padding_keeps_token_shift():
     cache_padded = model.make_cache()
     model(mx.array(ids), cache=cache_padded, mask=mx.array(np.arange(12) < 8)[None])
 
+    # Padding changes the shapes, and so the order of float32 sums; on an AMD
+    # EPYC (Zen 1) with OpenBLAS 0.3.21 the states differed by 1.2e-6.
     for layer_real, layer_padded in zip(cache_real, cache_padded):
         for entry in range(3):
-            assert mx.abs(layer_real[entry] - layer_padded[entry]).max().item() <= 1e-6
+            assert mx.abs(layer_real[entry] - layer_padded[entry]).max().item() <= 1e-5
 
 
 @pytest.mark.parametrize("head_dim", [16, 64])

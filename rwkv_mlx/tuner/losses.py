@@ -14,6 +14,11 @@ head the backward pass does too, so one chunk of [chunk, V] logits is alive
 at a time. When the head is trained, the backward pass goes through blocks of
 vocabulary rows of the same number of elements instead, each giving its rows
 of dW, so no [V, C] accumulator is needed besides the gradient itself.
+
+A loss that is always differentiated (a training step) can take dL/dh in the
+forward pass instead, from each chunk's logits while they are at hand
+(``gradient_in_forward``). Then the backward pass only scales it, and the
+head's [n, C] x [C, V] product runs once instead of twice.
 """
 
 import logging
@@ -132,6 +137,20 @@ def _token_losses(logits: mx.array, targets: mx.array, fused: bool) -> mx.array:
     return fast_math.logsumexp(logits) - target_logits
 
 
+def _losses_and_softmax(logits: mx.array, targets: mx.array) -> Tuple[mx.array, mx.array]:
+    """Per-token cross-entropy and the softmax of ``logits``, from one exponential.
+
+    Exponentials dominate the loss's elementwise work (bench/bench_cpu_ops.py),
+    so the loss and the gradient share one.
+    """
+    top = mx.max(logits, axis=-1, keepdims=True)
+    shifted = fast_math.exp(logits - top)
+    sums = shifted.sum(axis=-1, keepdims=True)
+    target_logits = mx.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+    losses = (top + mx.log(sums))[:, 0] - target_logits
+    return losses, shifted / sums
+
+
 def _after(x: mx.array, previous) -> mx.array:
     """Return ``x`` made to depend on ``previous`` (arrays or None).
 
@@ -148,37 +167,58 @@ def _token_chunks(length: int, chunk_size: int) -> List[Tuple[int, int]]:
     return [(start, min(start + chunk_size, length)) for start in range(0, length, chunk_size)]
 
 
-def _frozen_head_loss(head: OutputHead, chunk_size: int, fused: bool):
-    """Return the custom function ``(hidden, targets, weights, *head arrays) -> loss sum``
-    whose backward pass gives the gradient of the hidden states only."""
+def _frozen_head_loss(head: OutputHead, chunk_size: int, fused: bool, gradient_in_forward: bool):
+    """Return the custom function ``(hidden, targets, weights, *head arrays) -> (loss sum, dL/dh)``
+    whose backward pass gives the gradient of the hidden states only.
+
+    With ``gradient_in_forward`` the second output is dL/dh for a cotangent
+    of 1, formed chunk by chunk in the forward pass, and the backward pass
+    scales it. Otherwise the second output is an empty placeholder and the
+    backward pass recomputes each chunk's logits.
+    """
+
+    def chunk_gradient(probs, rows, scale, arrays, dtype):
+        # dL/dh = (scale * softmax) W - scale * W[target] for one chunk, in ``dtype``.
+        grad_logits = (probs * scale[:, None]).astype(dtype)
+        return _project_back(grad_logits, head, arrays) - (scale[:, None] * rows).astype(dtype)
 
     @mx.custom_function
     def loss_sum(hidden, targets, weights, *arrays):
         total = mx.array(0.0, dtype=_accumulation_dtype(hidden.dtype))
+        rows = _target_rows(targets, head, arrays, hidden.dtype) if gradient_in_forward else None
+        grad_hidden = []
         for start, end in _token_chunks(hidden.shape[0], chunk_size):
-            logits = _project(_after(hidden[start:end], total), head, arrays)
-            total = total + (_token_losses(logits, targets[start:end], fused) * weights[start:end]).sum()
-        return total
+            # Chaining the chunk to the previous chunk's gradient as well keeps
+            # one chunk of logits alive, as in the backward pass below.
+            previous = [total, grad_hidden[-1]] if grad_hidden else total
+            logits = _project(_after(hidden[start:end], previous), head, arrays)
+            if gradient_in_forward:
+                losses, probs = _losses_and_softmax(logits.astype(total.dtype), targets[start:end])
+                grad_hidden.append(chunk_gradient(probs, rows[start:end], weights[start:end], arrays, hidden.dtype))
+            else:
+                losses = _token_losses(logits, targets[start:end], fused)
+            total = total + (losses * weights[start:end]).sum()
+        if gradient_in_forward:
+            return total, mx.concatenate(grad_hidden, axis=0)
+        return total, mx.zeros((0,), dtype=hidden.dtype)
 
     @loss_sum.vjp
-    def loss_sum_vjp(primals, cotangent, output):
+    def loss_sum_vjp(primals, cotangents, outputs):
         hidden, targets, weights, *arrays = primals
+        cotangent = cotangents[0]
+        zeros = [mx.zeros_like(targets), mx.zeros_like(weights), *(mx.zeros_like(a) for a in arrays)]
+        if gradient_in_forward:
+            return (outputs[1] * cotangent.astype(hidden.dtype), *zeros)
+
         dtype = _accumulation_dtype(hidden.dtype)
         scale = weights.astype(dtype) * cotangent
         rows = _target_rows(targets, head, arrays, hidden.dtype)
-
-        # dL/dh = (scale * softmax) W - scale * W[target], a chunk of tokens at a time.
         grad_hidden = []
         for start, end in _token_chunks(hidden.shape[0], chunk_size):
             chunk = _after(hidden[start:end], grad_hidden[-1] if grad_hidden else None)
             probs = fast_math.softmax(_project(chunk, head, arrays).astype(dtype))
-            grad_logits = (probs * scale[start:end, None]).astype(hidden.dtype)
-            grad_chunk = _project_back(grad_logits, head, arrays) - (scale[start:end, None] * rows[start:end]).astype(hidden.dtype)
-            grad_hidden.append(grad_chunk)
-
-        grads = [mx.concatenate(grad_hidden, axis=0), mx.zeros_like(targets), mx.zeros_like(weights)]
-        grads.extend(mx.zeros_like(a) for a in arrays)
-        return tuple(grads)
+            grad_hidden.append(chunk_gradient(probs, rows[start:end], scale[start:end], arrays, hidden.dtype))
+        return (mx.concatenate(grad_hidden, axis=0), *zeros)
 
     return loss_sum
 
@@ -268,6 +308,7 @@ def chunked_cross_entropy(
     chunk_size: int = DEFAULT_LOSS_CHUNK_SIZE,
     weight_grad: bool = True,
     fused: Optional[bool] = None,
+    gradient_in_forward: bool = False,
 ) -> mx.array:
     """Return the summed cross-entropy of a linear head, a chunk of tokens at a time.
 
@@ -283,6 +324,12 @@ def chunked_cross_entropy(
         fused (bool, optional): Use ``mx.fast.cross_entropy`` in the forward
             pass. By default only on a GPU, where it is a fused kernel, because
             on the CPU it reduces in the logits' dtype.
+        gradient_in_forward (bool): Form the gradient of the hidden states in
+            the forward pass, from each chunk's logits, so the backward pass
+            needs no second product with the head. Pass True only for a loss
+            that will be differentiated: otherwise that product is wasted. A
+            trained head (``weight_grad``) always takes its gradients in the
+            backward pass.
 
     Returns:
         mx.array: The scalar ``sum_i weights_i * loss_i``, float32 (float64
@@ -304,7 +351,10 @@ def chunked_cross_entropy(
     if weight_grad:
         loss_sum, _ = _trained_head_loss(chunk_size)(hidden, targets, weights, head.weight)
         return loss_sum
-    return _frozen_head_loss(head, chunk_size, fused)(hidden, targets, weights, *head.arrays())
+    loss_sum, _ = _frozen_head_loss(head, chunk_size, fused, gradient_in_forward)(
+        hidden, targets, weights, *head.arrays()
+    )
+    return loss_sum
 
 
 def module_cross_entropy(

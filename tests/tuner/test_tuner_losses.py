@@ -30,12 +30,21 @@ def dense_value_and_grads(hidden, targets, weights, head):
 
 @pytest.mark.parametrize("chunk_size", [1, 7, 16, 64])
 @pytest.mark.parametrize("weight_grad", [True, False])
-def test_chunked_equals_dense(chunk_size, weight_grad):
+@pytest.mark.parametrize("gradient_in_forward", [False, True])
+def test_chunked_equals_dense(chunk_size, weight_grad, gradient_in_forward):
     hidden, targets, weights, head = inputs()
     expected, (grad_hidden, grad_weight) = dense_value_and_grads(hidden, targets, weights, head)
 
     def loss(h, w):
-        return chunked_cross_entropy(h, targets, OutputHead(w), weights, chunk_size=chunk_size, weight_grad=weight_grad)
+        return chunked_cross_entropy(
+            h,
+            targets,
+            OutputHead(w),
+            weights,
+            chunk_size=chunk_size,
+            weight_grad=weight_grad,
+            gradient_in_forward=gradient_in_forward,
+        )
 
     value, grads = mx.value_and_grad(loss, argnums=(0, 1))(hidden, head.weight)
 
@@ -62,20 +71,26 @@ def test_chunked_equals_dense_float64():
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_quantized_head(bits):
+@pytest.mark.parametrize("gradient_in_forward", [False, True])
+def test_quantized_head(bits, gradient_in_forward):
     hidden, targets, weights, head = inputs(width=64)
     quantized = nn.QuantizedLinear.from_linear(head, group_size=32, bits=bits)
     described = output_head(quantized)
 
     expected, grad_hidden = mx.value_and_grad(lambda h: dense_cross_entropy(h, targets, quantized, weights))(hidden)
-    value, grads = mx.value_and_grad(lambda h: chunked_cross_entropy(h, targets, described, weights, chunk_size=8))(hidden)
+    value, grads = mx.value_and_grad(
+        lambda h: chunked_cross_entropy(
+            h, targets, described, weights, chunk_size=8, gradient_in_forward=gradient_in_forward
+        )
+    )(hidden)
 
     assert described.quantized
     assert abs(value.item() - expected.item()) <= 1e-5 * abs(expected.item())
     assert mx.abs(grads - grad_hidden).max().item() <= 1e-6
 
 
-def test_tied_embedding_head():
+@pytest.mark.parametrize("gradient_in_forward", [False, True])
+def test_tied_embedding_head(gradient_in_forward):
     hidden, targets, weights, _ = inputs()
     embedding = nn.Embedding(70, 32)
 
@@ -83,11 +98,42 @@ def test_tied_embedding_head():
         lambda h: (nn.losses.cross_entropy(embedding.as_linear(h), targets) * weights).sum()
     )(hidden)
     value, grads = mx.value_and_grad(
-        lambda h: chunked_cross_entropy(h, targets, output_head(embedding), weights, chunk_size=8)
+        lambda h: chunked_cross_entropy(
+            h, targets, output_head(embedding), weights, chunk_size=8, gradient_in_forward=gradient_in_forward
+        )
     )(hidden)
 
     assert abs(value.item() - expected.item()) <= 1e-5 * abs(expected.item())
     assert mx.abs(grads - grad_hidden).max().item() <= 1e-6
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_forward_gradient_scaled_by_cotangent(dtype):
+    # The backward pass only scales the gradient formed in the forward pass,
+    # so a loss used inside a larger expression must still get its share.
+    hidden, targets, weights, head = inputs(dtype=dtype)
+
+    def outer(h, gradient_in_forward):
+        loss = chunked_cross_entropy(
+            h, targets, output_head(head), weights, chunk_size=16, weight_grad=False, gradient_in_forward=gradient_in_forward
+        )
+        return -2.5 * loss / 7 + (h.astype(mx.float32) ** 2).sum()
+
+    expected = mx.grad(lambda h: outer(h, False))(hidden)
+    got = mx.grad(lambda h: outer(h, True))(hidden)
+
+    assert got.dtype == dtype
+    tolerance = 1e-6 if dtype == mx.float32 else 2e-2
+    assert mx.abs(got.astype(mx.float32) - expected.astype(mx.float32)).max().item() <= tolerance
+
+
+def test_forward_gradient_same_loss():
+    hidden, targets, weights, head = inputs(tokens=40)
+    plain, with_gradient = (
+        chunked_cross_entropy(hidden, targets, output_head(head), weights, chunk_size=16, gradient_in_forward=flag)
+        for flag in (False, True)
+    )
+    assert abs(plain.item() - with_gradient.item()) <= 1e-6 * abs(plain.item())
 
 
 def test_head_with_bias_is_not_described():
@@ -111,7 +157,8 @@ def peak_memory(function, *arrays):
     return mx.get_peak_memory() - baseline
 
 
-def test_chunked_peak_memory_lower():
+@pytest.mark.parametrize("gradient_in_forward", [False, True])
+def test_chunked_peak_memory_lower(gradient_in_forward):
     # 512 tokens and a 16384-token vocabulary. The dense loss and gradient keep
     # several [512, 16384] float32 arrays of 32 MiB each, the chunked ones only
     # a few [32, 16384] arrays.
@@ -121,7 +168,17 @@ def test_chunked_peak_memory_lower():
         return mx.grad(lambda h: dense_cross_entropy(h, targets, head, weights))(h)
 
     def chunked(h):
-        return mx.grad(lambda h: chunked_cross_entropy(h, targets, output_head(head), weights, chunk_size=32, weight_grad=False))(h)
+        return mx.grad(
+            lambda h: chunked_cross_entropy(
+                h,
+                targets,
+                output_head(head),
+                weights,
+                chunk_size=32,
+                weight_grad=False,
+                gradient_in_forward=gradient_in_forward,
+            )
+        )(h)
 
     dense_peak = peak_memory(dense, hidden)
     chunked_peak = peak_memory(chunked, hidden)

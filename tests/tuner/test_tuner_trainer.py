@@ -489,3 +489,39 @@ def test_missing_matplotlib_warns_once(tmp_path, caplog, monkeypatch):
         assert plot_losses(history, tmp_path / "loss.png") is False
 
     assert caplog.text.count("matplotlib is not installed") == 1
+
+
+@pytest.mark.parametrize("training_type", ["lora", "state"])
+def test_training_step_projects_once(training_type, monkeypatch):
+    # With the head frozen, the training step takes the gradient of the
+    # head's input in the forward pass: one product with the head per chunk
+    # of logits, not a second one in the backward pass. The loss alone
+    # (validation) needs no gradient product at all.
+    import mlx.nn as nn
+
+    from rwkv_mlx.tuner import losses
+    from rwkv_mlx.tuner.trainer import sequence_loss
+
+    model = prepare_for_training(tiny_model(), training_type)
+    batch = random_batch(batch_size=2, length=30, seed=5)
+    args = TrainingArgs(max_seq_length=64, loss_chunk_size=16)
+    chunks = -(-int(batch.loss_mask[:, 1:].sum()) // 16)
+    counts = {"forward": 0, "back": 0}
+    project, project_back = losses._project, losses._project_back
+
+    def counted(name, function):
+        def wrapper(*args):
+            counts[name] += 1
+            return function(*args)
+
+        return wrapper
+
+    monkeypatch.setattr(losses, "_project", counted("forward", project))
+    monkeypatch.setattr(losses, "_project_back", counted("back", project_back))
+
+    batch_loss_and_grad(model, batch, args, nn.value_and_grad(model, sequence_loss))
+    assert counts == {"forward": chunks, "back": chunks}
+
+    counts.update(forward=0, back=0)
+    batch_loss_and_grad(model, batch, args)
+    assert counts == {"forward": chunks, "back": 0}
