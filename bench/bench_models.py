@@ -1,7 +1,7 @@
 """Time rwkv_mlx against mlx-lm's rwkv7 and BlinkDL's rwkv package on the same weights.
 
     python bench/bench_models.py [--formats float32 bfloat16 q4] [--lengths 512 4096]
-                                 [--json results.json]
+                                 [--rounds 3] [--json results.json]
 
 One random-weight RWKV-7 of the official 0.1B shape (12 layers, 768 wide,
 vocabulary 65536) is made once; the MLX implementations run it in this
@@ -21,6 +21,11 @@ gives:
   the process's peak resident size for the official one;
 - the decode roofline: weight bytes read per token over the machine's read
   bandwidth (measured here), and the fraction of it each implementation reaches.
+
+With ``--rounds N`` every MLX implementation is timed N times, in an order
+that alternates from round to round, and each figure's best counts. Each
+round's ratios are printed as well, which shows the spread on a machine
+shared with other jobs.
 
 Every MLX implementation runs after ``import rwkv_mlx``, so all of them use
 the same BLAS, and the same single-row products through gemv_forward where it
@@ -335,6 +340,68 @@ def run_official_apart(args, bandwidth: float, fmt: str) -> Optional[dict]:
         return json.loads(row_file.read_text()) if row_file.exists() else None
 
 
+def measure_mlx(kind: str, fmt: str, weights: dict, prompt: np.ndarray, bandwidth: float, args) -> dict:
+    """Time one MLX implementation in one weight format and print its row.
+
+    Args:
+        kind (str): ``"rwkv_mlx"`` or ``"mlx_lm"``.
+        fmt (str): ``"float32"``, ``"bfloat16"`` or ``"q4"``.
+        weights (dict): The canonical weights.
+        prompt (np.ndarray): Token ids, at least as long as the longest prefill.
+        bandwidth (float): The measured read bandwidth in bytes/s.
+        args: The parsed command line (``lengths``, ``repeats``, ``no_train``).
+
+    Returns:
+        dict: The row of the table.
+    """
+    model = build_mlx_model(kind, weights, SHAPE_0_1B, fmt)
+    runner = MlxRunner(kind, model, args.repeats)
+    row = {"implementation": kind, "format": fmt}
+
+    mx.reset_peak_memory()
+    for length in args.lengths:
+        row[f"prefill_{length}"] = runner.prefill(prompt[:length])
+    times = runner.decode(prompt[:16])
+    row["decode_ms"] = 1e3 * statistics.median(times)
+    row["decode_tps"] = 1e3 / row["decode_ms"]
+    row["peak_mb"] = mx.get_peak_memory() / 2**20
+    row["roofline_fraction"] = decode_bytes_per_token(model) * row["decode_tps"] / bandwidth
+    if not args.no_train and fmt != "q4":
+        row["train_tps"] = runner.train_step(prompt[: TRAIN_LENGTH + 1])
+
+    print_row(row, args.lengths)
+    del model, runner
+    gc.collect()
+    return row
+
+
+def best_of_rounds(rounds: list) -> list:
+    """Merge the rows of several rounds: each speed at its best, peak memory at its highest.
+
+    Args:
+        rounds (list): One list of rows per round, each row as ``measure_mlx`` returns it.
+
+    Returns:
+        list: One row per implementation and format, in the first round's order.
+    """
+    merged = {}
+    for rows in rounds:
+        for row in rows:
+            key = (row["implementation"], row["format"])
+            if key not in merged:
+                merged[key] = dict(row)
+                continue
+            best = merged[key]
+            for name, value in row.items():
+                if name.startswith("prefill_") or name in ("decode_tps", "train_tps", "roofline_fraction"):
+                    best[name] = max(best[name], value)
+                elif name == "decode_ms":
+                    best[name] = min(best[name], value)
+                elif name == "peak_mb":
+                    best[name] = max(best[name], value)
+    return list(merged.values())
+
+
 def print_row(row: dict, lengths: list) -> None:
     prefill = "  ".join(f"{row.get(f'prefill_{n}', float('nan')):9.1f}" for n in lengths)
     print(
@@ -374,6 +441,12 @@ def main():
     parser.add_argument("--implementations", nargs="+", default=["rwkv_mlx", "mlx_lm", "official"])
     parser.add_argument("--no-train", action="store_true", help="Skip the LoRA training step.")
     parser.add_argument("--repeats", type=int, default=3, help="Timed runs of each prefill and training step; the best counts.")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="Time every MLX implementation this many times, alternating their order; each figure's best counts.",
+    )
     parser.add_argument("--json", type=Path, help="Also write the results to this JSON file.")
     # Used by run_official_apart for its child process.
     parser.add_argument("--official-row", type=Path, help=argparse.SUPPRESS)
@@ -397,26 +470,23 @@ def main():
     header = "  ".join(f"{f'prefill {n}':>9s}" for n in args.lengths)
     print(f"{'implementation':16s} {'format':9s} {header}  {'decode ms':>9s} {'tok/s':>8s}  {'train':>8s}  {'peak MB':>8s}  roofline")
 
-    results = []
-    for kind in [k for k in args.implementations if k != "official"]:
-        for fmt in args.formats:
-            model = build_mlx_model(kind, weights, config, fmt)
-            runner = MlxRunner(kind, model, args.repeats)
-            row = {"implementation": kind, "format": fmt}
-            mx.reset_peak_memory()
-            for length in args.lengths:
-                row[f"prefill_{length}"] = runner.prefill(prompt[:length])
-            times = runner.decode(prompt[:16])
-            row["decode_ms"] = 1e3 * statistics.median(times)
-            row["decode_tps"] = 1e3 / row["decode_ms"]
-            row["peak_mb"] = mx.get_peak_memory() / 2**20
-            row["roofline_fraction"] = decode_bytes_per_token(model) * row["decode_tps"] / bandwidth
-            if not args.no_train and fmt != "q4":
-                row["train_tps"] = runner.train_step(prompt[: TRAIN_LENGTH + 1])
-            results.append(row)
+    kinds = [k for k in args.implementations if k != "official"]
+    rounds = []
+    for round_index in range(args.rounds):
+        # Alternate the order, so that a machine that slows down during the
+        # run does not always slow the same implementation.
+        order = kinds if round_index % 2 == 0 else kinds[::-1]
+        if args.rounds > 1:
+            print(f"round {round_index + 1} of {args.rounds}")
+        rows = [measure_mlx(kind, fmt, weights, prompt, bandwidth, args) for kind in order for fmt in args.formats]
+        if args.rounds > 1:
+            print_ratios(rows, args.lengths)
+        rounds.append(rows)
+    results = best_of_rounds(rounds)
+    if args.rounds > 1:
+        print(f"best of {args.rounds} rounds")
+        for row in results:
             print_row(row, args.lengths)
-            del model, runner
-            gc.collect()
 
     if "official" in args.implementations:
         for fmt in [f for f in args.formats if f in OFFICIAL_STRATEGIES]:
@@ -428,8 +498,8 @@ def main():
 
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        meta = {**machine, "bandwidth_gbs": bandwidth / 1e9, "repeats": args.repeats}
-        args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+        meta = {**machine, "bandwidth_gbs": bandwidth / 1e9, "repeats": args.repeats, "rounds": args.rounds}
+        args.json.write_text(json.dumps({"meta": meta, "results": results, "rounds": rounds}, indent=2))
 
 
 if __name__ == "__main__":
