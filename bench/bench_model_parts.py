@@ -18,9 +18,9 @@ whole process:
 Prefill is 512 tokens, the best of 5 after one untimed run; decode is the
 median of 64 tokens after 10 untimed ones; the LoRA step is bench_models.py's
 (512 tokens, rank-8 adapters on every linear layer), the best of 3 after one
-untimed run. The differences estimate what the
-products and the recurrence cost. The parts overlap a little (the rest of a
-layer reads the products' outputs), so the differences need not add up.
+untimed run. The differences estimate what the products and the recurrence
+cost. The parts overlap a little (the rest of a layer reads the products'
+outputs), so the differences need not add up.
 The last line printed is all results as JSON, and ``--json PATH`` also
 writes them to a file.
 """

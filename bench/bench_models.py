@@ -393,11 +393,9 @@ def best_of_rounds(rounds: list) -> list:
                 continue
             best = merged[key]
             for name, value in row.items():
-                if name.startswith("prefill_") or name in ("decode_tps", "train_tps", "roofline_fraction"):
-                    best[name] = max(best[name], value)
-                elif name == "decode_ms":
+                if name == "decode_ms":
                     best[name] = min(best[name], value)
-                elif name == "peak_mb":
+                elif name.startswith("prefill_") or name in ("decode_tps", "train_tps", "roofline_fraction", "peak_mb"):
                     best[name] = max(best[name], value)
     return list(merged.values())
 
@@ -445,7 +443,7 @@ def main():
         "--rounds",
         type=int,
         default=1,
-        help="Time every MLX implementation this many times, alternating their order; each figure's best counts.",
+        help="Time every MLX implementation this many times, alternating their order, and keep each figure's best.",
     )
     parser.add_argument("--json", type=Path, help="Also write the results to this JSON file.")
     # Used by run_official_apart for its child process.

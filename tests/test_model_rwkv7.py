@@ -72,7 +72,7 @@ def test_trailing_padding_keeps_token_shift():
     cache_padded = model.make_cache()
     model(mx.array(ids), cache=cache_padded, mask=mx.array(np.arange(12) < 8)[None])
 
-    # Padding changes the shapes, and so the order of float32 sums; on an AMD
+    # Padding changes the shapes, and so the order of float32 sums. On an AMD
     # EPYC (Zen 1) with OpenBLAS 0.3.21 the states differed by 1.2e-6.
     for layer_real, layer_padded in zip(cache_real, cache_padded):
         for entry in range(3):

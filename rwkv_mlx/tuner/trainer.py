@@ -391,7 +391,15 @@ def batch_loss_and_grad(
             mx.eval(loss, states)
         else:
             (loss, states), chunk_grads = value_and_grad(
-                model, inputs, targets, positions, states, count, args.loss_chunk_size, args.grad_checkpoint, True
+                model,
+                inputs,
+                targets,
+                positions,
+                states,
+                count,
+                args.loss_chunk_size,
+                args.grad_checkpoint,
+                gradient_in_forward=True,
             )
             grads = chunk_grads if grads is None else tree_map(lambda a, b: a + b, grads, chunk_grads)
             mx.eval(loss, states, grads)

@@ -114,8 +114,8 @@ def test_fused_equals_unfused(fine_tune_type):
 
     assert not any(isinstance(m, (LoRALinear, DoRALinear)) for _, m in model.named_modules())
     assert set(all_weights(model)) == set(all_weights(tiny_model()))
-    # Fusing sums W + scale * B A before the product instead of after it; on
-    # an AMD EPYC (Zen 1) the logits moved by 1.1e-5 at a scale of about 1.
+    # Fusing adds scale * B A to W before the product instead of after it. On
+    # an AMD EPYC (Zen 1) that moved the logits by 1.1e-5 at a scale of about 1.
     assert mx.abs(model(IDS) - unfused).max().item() <= 1e-5 * (1 + mx.abs(unfused).max().item())
 
 
