@@ -37,3 +37,25 @@ def write_atomically(path: Path, write: Callable[[IO], None], text: bool = False
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def check_new_directory(path: Path, flag: str) -> None:
+    """Raise unless ``path`` can become a new directory without replacing anything.
+
+    A missing path or an empty directory passes. A file, or a directory with
+    anything in it (a model that would be overwritten, say), is refused
+    before any work starts.
+
+    Args:
+        path (Path): The directory a command is about to write.
+        flag (str): The command-line flag that named it, for the message.
+
+    Raises:
+        FileExistsError: ``path`` is a file or a non-empty directory.
+    """
+    path = Path(path)
+    if path.is_dir():
+        if any(path.iterdir()):
+            raise FileExistsError(f"{flag} {path} already exists and is not empty; choose another {flag} or remove it")
+    elif path.exists():
+        raise FileExistsError(f"{flag} {path} is a file, not a directory; choose another {flag}")

@@ -21,13 +21,16 @@ from typing import Optional
 import mlx.core as mx
 from mlx_lm.utils import dequantize_model, quantize_model
 
-from ._files import write_atomically
+from ._files import check_new_directory, write_atomically
 from .io.errors import CheckpointError
 from .loading import default_tokenizer_name, load_model, save_model
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+
+# The group sizes that mx.quantize accepts (MLX 0.32).
+Q_GROUP_SIZES = (32, 64, 128)
 
 # The name of the copy of rwkv_mlx/mlx_lm_model.py inside a model directory,
 # and the value of config.json's "model_file" that points mlx-lm's loader to it.
@@ -69,7 +72,8 @@ def convert(
         mlx_path (str): The directory to create; it must not exist yet.
         quantize (bool): Quantize the linear layers and the embedding.
         q_bits (int): Bits per weight when quantizing: 4 or 8.
-        q_group_size (int): Weights that share one scale and bias when quantizing.
+        q_group_size (int): Weights that share one scale and bias when
+            quantizing: 32, 64 or 128.
         dtype (str, optional): Cast floating-point weights to ``float16``,
             ``bfloat16`` or ``float32``; the source's types are kept when not given.
         dequantize (bool): Write a quantized source back at full precision.
@@ -86,12 +90,13 @@ def convert(
     from .tokenizer import load_tokenizer
 
     target = Path(mlx_path)
-    if target.exists() and any(target.iterdir()):
-        raise FileExistsError(f"{target} already exists and is not empty; choose another --mlx-path or remove it")
+    check_new_directory(target, "--mlx-path")
     if quantize and dequantize:
         raise ValueError("choose either --quantize or --dequantize, not both")
     if q_bits not in (4, 8):
         raise ValueError(f"--q-bits must be 4 or 8, got {q_bits}")
+    if q_group_size not in Q_GROUP_SIZES:
+        raise ValueError(f"--q-group-size must be one of {', '.join(map(str, Q_GROUP_SIZES))}, got {q_group_size}")
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
 
@@ -117,7 +122,9 @@ def convert(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Convert an RWKV checkpoint into an MLX model directory.")
+    parser = argparse.ArgumentParser(
+        prog="python -m rwkv_mlx.convert", description="Convert an RWKV checkpoint into an MLX model directory."
+    )
     parser.add_argument(
         "--model",
         "--hf-path",
@@ -129,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quantize", action="store_true", help="Quantize the weights.")
     parser.add_argument("--q-bits", type=int, default=4, help="Bits per weight when quantizing, 4 or 8 (default: 4).")
     parser.add_argument(
-        "--q-group-size", type=int, default=64, help="Weights per quantization group (default: 64)."
+        "--q-group-size", type=int, default=64, help="Weights per quantization group: 32, 64 or 128 (default: 64)."
     )
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="Cast floating-point weights to this type.")
     parser.add_argument("-d", "--dequantize", action="store_true", help="Write a quantized model at full precision.")

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ._files import check_new_directory
 from .io.errors import CheckpointError
 from .tuner.adapters import AdapterError, fuse_adapters, load_adapters, read_adapter_config
 
@@ -29,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="The base model: directory, checkpoint file or Hugging Face repo id.")
     parser.add_argument("--tokenizer", help='Tokenizer: "world", "bytes" or a tokenizer.json path (default: the model\'s).')
     parser.add_argument("--adapter-path", default="adapters", help="Folder with adapter_config.json and adapters.safetensors (default: adapters).")
-    parser.add_argument("--save-path", default="fused_model", help="Directory to write the fused model to (default: fused_model).")
+    parser.add_argument("--save-path", default="fused_model", help="New or empty directory to write the fused model to (default: fused_model).")
     parser.add_argument("--dequantize", action="store_true", help="Write a dense model even when the base model is quantized.")
     return parser
 
@@ -40,13 +41,15 @@ def fuse(model_source: str, adapter_path: str, save_path: str, dequantize: bool 
     Args:
         model_source (str): The base model.
         adapter_path (str): The adapter folder.
-        save_path (str): The directory to write; files in it are replaced.
+        save_path (str): The directory to write; it must be new or empty, so
+            the base model or another model is never overwritten.
         dequantize (bool): Write dense weights even for a quantized base.
         tokenizer (str, optional): The tokenizer to save with the model.
     """
     from .loading import default_tokenizer_name, load_model, save_model
     from .tokenizer import load_tokenizer
 
+    check_new_directory(Path(save_path), "--save-path")
     config = read_adapter_config(Path(adapter_path))
     if config["fine_tune_type"] == "state":
         raise AdapterError(

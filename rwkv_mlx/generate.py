@@ -829,7 +829,11 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         "(default: %(default)s)",
     )  # fmt: skip
 
-    parser.add_argument("--temp", type=float, default=DEFAULT_TEMP, help="sampling temperature; 0 is greedy (default: %(default)s)")
+    parser.add_argument(
+        "--temp", type=float, default=DEFAULT_TEMP,
+        help="sampling temperature; 0 picks the most likely token after the penalties, and with "
+        "--presence-penalty 0 --frequency-penalty 0 it is mlx-lm's greedy decoding (default: %(default)s)",
+    )  # fmt: skip
     parser.add_argument(
         "--top-p", type=float, default=DEFAULT_TOP_P, help="nucleus sampling mass, in (0, 1]; 1 keeps every token (default: %(default)s)"
     )
@@ -910,6 +914,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--top-k must be 0 or more, got {args.top_k}; 0 keeps every token")
     if args.save_state and not Path(args.save_state).resolve().parent.is_dir():
         parser.error(f"--save-state {args.save_state}: the folder does not exist; create it first")
+    if args.save_state and Path(args.save_state).is_dir():
+        parser.error(
+            f"--save-state {args.save_state} is a folder; name a file, such as {Path(args.save_state) / 'state.safetensors'}"
+        )
     if args.system_prompt and not args.chat:
         parser.error("--system-prompt is used only with --chat")
     if args.chat and args.prompt == "-":
@@ -1055,6 +1063,7 @@ class Session:
             vocab_size=vocab_size_of(self.model),
         )
         self.stop = [unescape(s) for s in args.stop]
+        self.saved_state = False
 
     def run(self, prompt: str, max_tokens: int, stop: Sequence[str] = ()) -> Tuple[str, GenerationResponse]:
         """Feed ``prompt``, stream the completion to stdout, and save the state if asked.
@@ -1083,6 +1092,7 @@ class Session:
             save_state(
                 self.args.save_state, self.cache, self.model, tokenizer=self.tokenizer_id, tokens=self.tokens_in_state
             )
+            self.saved_state = True
         return text, response
 
 
@@ -1156,6 +1166,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.seed is not None:
         mx.random.seed(args.seed)
 
+    session = None
     try:
         session = Session(args)
         if args.chat:
@@ -1166,9 +1177,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("\ninterrupted; a --save-state file contains the state after the last completed reply", file=sys.stderr)
+        print(f"\n{interrupt_message(args, session)}", file=sys.stderr)
         return 130
     return 0
+
+
+def interrupt_message(args: argparse.Namespace, session: Optional[Session]) -> str:
+    """Return what Ctrl-C left behind: the --save-state file is written only after a completed reply."""
+    if not args.save_state:
+        return "interrupted"
+    if session is not None and session.saved_state:
+        return f"interrupted; {args.save_state} holds the state after the last completed reply"
+    return f"interrupted before a reply completed; {args.save_state} was not written"
 
 
 if __name__ == "__main__":

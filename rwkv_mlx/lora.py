@@ -229,7 +229,7 @@ def check_options(options: Dict[str, Any]) -> None:
         raise ValueError("nothing to do: pass --train, --test or both")
     for name in ("model", "data"):
         if not options[name]:
-            raise ValueError(f"--{name} is required")
+            raise ValueError(f"--{name} is required, on the command line or in the --config file")
     for name in ("batch_size", "iters", "steps_per_report", "steps_per_eval", "save_every", "max_seq_length",
                  "max_chunks", "grad_accumulation_steps", "loss_chunk_size"):
         if not isinstance(options[name], int) or options[name] < 1:
@@ -417,16 +417,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as interrupt:
-        print(f"\n{interrupt_message(interrupt)}", file=sys.stderr)
+        message = interrupt_message(interrupt)
+        print(f"\n{message}" if message else "", file=sys.stderr)
         return 130
     return 0
 
 
-def interrupt_message(interrupt: KeyboardInterrupt) -> str:
-    """Return what to do after Ctrl-C, from the files the run saved."""
-    saved = isinstance(interrupt, TrainingInterrupted) and interrupt.last_saved_iteration > 0
-    if not saved:
-        return "interrupted before the first checkpoint; nothing was saved"
+def interrupt_message(interrupt: KeyboardInterrupt) -> Optional[str]:
+    """Return what to do after Ctrl-C, from the files the run saved.
+
+    The trainer has already logged where it stopped and what it saved, so
+    this adds only how to resume; None when there is nothing to add.
+    """
+    if not isinstance(interrupt, TrainingInterrupted):
+        return "interrupted before training started; nothing was saved"
+    if interrupt.last_saved_iteration == 0:
+        return None
     message = (
         f"interrupted; continue from iteration {interrupt.last_saved_iteration} with "
         f"--resume-adapter-file {interrupt.adapter_file}"

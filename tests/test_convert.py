@@ -108,9 +108,33 @@ def test_existing_target_is_left_alone(tmp_path):
     assert sorted(p.name for p in target.iterdir()) == ["keep.txt"]
 
 
+def test_existing_file_as_target_is_refused(tmp_path):
+    target = tmp_path / "model.txt"
+    target.write_text("mine")
+
+    result = subprocess.run(
+        [sys.executable, "-m", "rwkv_mlx.convert", "--model", str(PTH), "--mlx-path", str(target)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert result.returncode == 1
+    assert f"--mlx-path {target} is a file, not a directory" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert target.read_text() == "mine"
+
+
 def test_invalid_bits_rejected(tmp_path):
     with pytest.raises(ValueError, match="--q-bits must be 4 or 8, got 3"):
         convert(str(PTH), str(tmp_path / "out"), quantize=True, q_bits=3)
+
+
+@pytest.mark.parametrize("group_size", [7, 16, 256])
+def test_invalid_group_size_rejected(tmp_path, group_size):
+    with pytest.raises(ValueError, match=f"--q-group-size must be one of 32, 64, 128, got {group_size}"):
+        convert(str(PTH), str(tmp_path / "out"), quantize=True, q_group_size=group_size)
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_reports_missing_model(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 
 from random_models import TINY_CONFIG, random_model
 from rwkv_mlx import loading
-from rwkv_mlx.generate import main, stream_generate
+from rwkv_mlx.generate import Session, main, stream_generate
 from rwkv_mlx.io.state import save_state
 from rwkv_mlx.tokenizer import load_tokenizer
 
@@ -105,6 +105,39 @@ def test_save_state_folder_missing(tmp_path, capsys):
         main(["--model", "unused", "--save-state", str(tmp_path / "absent" / "s.state")])
     assert exit_info.value.code == 2
     assert "the folder does not exist" in capsys.readouterr().err
+
+
+def test_save_state_into_a_folder(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", "unused", "--save-state", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert f"--save-state {tmp_path} is a folder; name a file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_interrupt_names_what_was_saved(model_dir, tmp_path, capsys, monkeypatch, chat):
+    state_file = tmp_path / "s.safetensors"
+    replies = []
+
+    def interrupted_reply(session, prompt, max_tokens, stop=()):
+        # The first reply completes (and saves) only in chat mode; Ctrl-C comes during the next.
+        if chat and not replies:
+            replies.append(prompt)
+            return original_run(session, prompt, 2, stop)
+        raise KeyboardInterrupt
+
+    original_run = Session.run
+    monkeypatch.setattr(Session, "run", interrupted_reply)
+    argv = ["--model", model_dir, "--save-state", state_file, "--max-tokens", 2]
+    code, _, err = cli(capsys, *argv, *(["--chat"] if chat else ["--prompt", "hi"]), stdin="hi\nagain\n", monkeypatch=monkeypatch)
+
+    assert code == 130
+    if chat:
+        assert f"interrupted; {state_file} holds the state after the last completed reply" in err
+        assert state_file.exists()
+    else:
+        assert f"interrupted before a reply completed; {state_file} was not written" in err
+        assert not state_file.exists()
 
 
 def test_missing_model(tmp_path, capsys):

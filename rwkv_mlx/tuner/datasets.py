@@ -132,7 +132,9 @@ def read_jsonl(path: Path) -> List[Tuple[int, Dict[str, Any]]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise DatasetError(f"{path}:{number}: invalid JSON ({error.msg} at column {error.colno})") from error
+                # Some of json's messages end in "at" ("Invalid control character at").
+                reason = error.msg.removesuffix(" at")
+                raise DatasetError(f"{path}:{number}: invalid JSON ({reason} at column {error.colno})") from error
             if not isinstance(record, dict):
                 raise DatasetError(f"{path}:{number}: expected a JSON object, found a JSON {type(record).__name__}")
             records.append((number, record))

@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from rwkv_mlx import lora as lora_cli
 from rwkv_mlx.io.state import load_state
 from rwkv_mlx.loading import load_model, save_model
 from rwkv_mlx.tuner import load_adapters
+from rwkv_mlx.tuner.trainer import TrainingInterrupted
 from tuner_helpers import pattern_texts, tiny_model, write_jsonl
 
 IDS = mx.array(np.random.default_rng(0).integers(1, 256, (1, 30)))
@@ -206,6 +208,16 @@ def test_sigint_keeps_last_checkpoint(tmp_path, model_dir, data_dir):
     assert lora_cli.main(resumed) == 0
 
 
+def test_interrupt_message_adds_only_how_to_resume(tmp_path):
+    adapter_file = tmp_path / "adapters.safetensors"
+    unsaved = TrainingInterrupted("training interrupted at iteration 1; ...", 1, 0, adapter_file, None)
+    saved = TrainingInterrupted("training interrupted at iteration 5; ...", 5, 4, adapter_file, None)
+
+    assert lora_cli.interrupt_message(KeyboardInterrupt()) == "interrupted before training started; nothing was saved"
+    assert lora_cli.interrupt_message(unsaved) is None
+    assert lora_cli.interrupt_message(saved) == f"interrupted; continue from iteration 4 with --resume-adapter-file {adapter_file}"
+
+
 def test_fuse_matches_unfused(tmp_path, model_dir, data_dir, capsys):
     adapters = tmp_path / "adapters"
     lora_cli.main(train_argv(model_dir, data_dir, adapters, "--fine-tune-type", "dora"))
@@ -217,6 +229,28 @@ def test_fuse_matches_unfused(tmp_path, model_dir, data_dir, capsys):
     assert status == 0
     assert config["hidden_size"] == TINY_CONFIG["hidden_size"]
     assert mx.abs(fused(IDS) - adapted(IDS)).max().item() <= 1e-5
+
+
+def test_fuse_never_overwrites(tmp_path, model_dir, data_dir, capsys):
+    base = tmp_path / "base"
+    shutil.copytree(model_dir, base)
+    adapters = tmp_path / "adapters"
+    lora_cli.main(train_argv(base, data_dir, adapters))
+    capsys.readouterr()
+    before = {path.name: path.read_bytes() for path in base.iterdir()}
+    existing_file = tmp_path / "model.txt"
+    existing_file.write_text("mine")
+
+    into_base = fuse_cli.main(["--model", str(base), "--adapter-path", str(adapters), "--save-path", str(base)])
+    base_error = capsys.readouterr().err
+    into_file = fuse_cli.main(["--model", str(base), "--adapter-path", str(adapters), "--save-path", str(existing_file)])
+    file_error = capsys.readouterr().err
+
+    assert (into_base, into_file) == (1, 1)
+    assert f"--save-path {base} already exists and is not empty" in base_error
+    assert f"--save-path {existing_file} is a file, not a directory" in file_error
+    assert {path.name: path.read_bytes() for path in base.iterdir()} == before
+    assert existing_file.read_text() == "mine"
 
 
 def test_fuse_rejects_state(tmp_path, model_dir, data_dir, capsys):
@@ -380,14 +414,15 @@ def test_interrupted_state_tuning_keeps_state_file(tmp_path, model_dir, data_dir
     assert mx.abs(base(IDS, cache=cache) - tuned(IDS)).max().item() <= 1e-5
 
 
-def test_interrupt_before_first_save(tmp_path, model_dir, data_dir, capsys, monkeypatch):
+def test_interrupt_before_first_save(tmp_path, model_dir, data_dir, capsys, caplog, monkeypatch):
     adapters = tmp_path / "adapters"
     interrupt_at(monkeypatch, 1)
 
-    status = lora_cli.main(train_argv(model_dir, data_dir, adapters, "--steps-per-report", "1"))
+    with caplog.at_level(logging.WARNING):
+        status = lora_cli.main(train_argv(model_dir, data_dir, adapters, "--steps-per-report", "1"))
 
-    err = capsys.readouterr().err
+    err = capsys.readouterr().err + caplog.text
     assert status == 130
-    assert "nothing was saved" in err
+    assert err.count("nothing was saved") == 1
     assert "--resume-adapter-file" not in err
     assert not adapters.exists()

@@ -99,6 +99,7 @@ def test_blank_lines_are_skipped(tmp_path, tokenizer):
         ([], "the file has no records"),
         (["", "  "], "the file has no records"),
         (['{"text": "ok"}', '{"text": "broken"'], ":2: invalid JSON"),
+        (['{"text": "a\tb"}'], ":1: invalid JSON (Invalid control character at column 12)"),
         (['["a", "b"]'], ":1: expected a JSON object, found a JSON list"),
         (['{"body": "x", "title": "y"}'], ":1: the record has none of the fields"),
         (['{"text": "a"}', '{"messages": []}'], ":2: expected a text record with 'text' like line 1"),
