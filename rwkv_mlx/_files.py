@@ -43,7 +43,7 @@ def check_new_directory(path: Path, flag: str) -> None:
     """Raise unless ``path`` can become a new directory without replacing anything.
 
     A missing path or an empty directory passes. A file, or a directory with
-    anything in it (a model that would be overwritten, say), is refused
+    anything in it (a model that would be overwritten, say), is rejected
     before any work starts.
 
     Args:

@@ -108,7 +108,7 @@ def test_existing_target_is_left_alone(tmp_path):
     assert sorted(p.name for p in target.iterdir()) == ["keep.txt"]
 
 
-def test_existing_file_as_target_is_refused(tmp_path):
+def test_existing_file_as_target_rejected(tmp_path):
     target = tmp_path / "model.txt"
     target.write_text("mine")
 
