@@ -47,6 +47,7 @@ from tqdm import tqdm
 
 from rwkv_mlx.loading import save_model
 from rwkv_mlx.models import rwkv7
+from rwkv_mlx.tokenizer import ByteTokenizer
 from rwkv_mlx.tuner import TrainingArgs, TrainingHistory, evaluate, train
 
 logger = logging.getLogger("train_default_model")
@@ -412,32 +413,11 @@ def train_model(
 # ---------------------------------------------------------------------------
 
 
-def byte_to_unicode_table() -> Dict[int, str]:
-    """Return the byte-to-character table of the byte-level BPE of GPT-2, which
-    ``tokenizers``' ByteLevel pre-tokenizer and decoder use."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    table = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
-
-
 def write_byte_tokenizer(directory: Path) -> None:
     """Write ``tokenizer.json`` and ``tokenizer_config.json`` for the byte-level
-    vocabulary (token id = byte value), loadable by ``tokenizers`` and ``transformers``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    table = byte_to_unicode_table()
-    tokenizer = Tokenizer(models.BPE(vocab={table[b]: b for b in range(256)}, merges=[]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.save(str(directory / "tokenizer.json"))
-    with open(directory / "tokenizer_config.json", "w") as f:
-        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1 << 30}, f, indent=2)
+    vocabulary (token id = byte value), loadable by ``tokenizers``, transformers
+    and mlx-lm, which then streams the text exactly as rwkv_mlx does."""
+    ByteTokenizer().save_pretrained(directory)
 
 
 def write_vocabulary(data: bytes, path: Path) -> int:

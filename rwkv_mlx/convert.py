@@ -18,16 +18,13 @@ import logging
 from pathlib import Path
 from typing import Optional
 
-import mlx.core as mx
 from mlx_lm.utils import dequantize_model, quantize_model
 
 from ._files import check_new_directory, write_atomically
 from .io.errors import CheckpointError
-from .loading import default_tokenizer_name, load_model, save_model
+from .loading import WEIGHT_DTYPES, default_tokenizer_name, load_model, save_model
 
 logger = logging.getLogger(__name__)
-
-DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 
 # The group sizes that mx.quantize accepts (MLX 0.32).
 Q_GROUP_SIZES = (32, 64, 128)
@@ -97,10 +94,10 @@ def convert(
         raise ValueError(f"--q-bits must be 4 or 8, got {q_bits}")
     if q_group_size not in Q_GROUP_SIZES:
         raise ValueError(f"--q-group-size must be one of {', '.join(map(str, Q_GROUP_SIZES))}, got {q_group_size}")
-    if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype is not None and dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {dtype!r}")
 
-    loaded, config, path = load_model(model, dtype=DTYPES.get(dtype))
+    loaded, config, path = load_model(model, dtype=dtype)
     config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")} if dequantize else config
     text_tokenizer = load_tokenizer(tokenizer or default_tokenizer_name(path, config))
 
@@ -138,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--q-group-size", type=int, default=64, help="Weights per quantization group: 32, 64 or 128 (default: 64)."
     )
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="Cast floating-point weights to this type.")
+    parser.add_argument("--dtype", choices=sorted(WEIGHT_DTYPES), help="Cast floating-point weights to this type.")
     parser.add_argument("-d", "--dequantize", action="store_true", help="Write a quantized model at full precision.")
     parser.add_argument("--tokenizer", help='"world", "bytes" or a tokenizer.json path (default: from the model).')
     parser.add_argument(

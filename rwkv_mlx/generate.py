@@ -28,6 +28,7 @@ from typing import Any, Callable, Generator, Iterable, List, Optional, Sequence,
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from .io.errors import CheckpointError
 from .io.state import load_state, save_state, tokenizer_identity
@@ -146,6 +147,13 @@ def check_token_ids(ids: Sequence[int], vocab_size: int, prompt_name: str = "the
             )
 
 
+def _is_integer_array(array) -> bool:
+    """Return whether an MLX or numpy array contains integers (booleans are not integers here)."""
+    if isinstance(array, mx.array):
+        return mx.issubdtype(array.dtype, mx.integer)
+    return np.issubdtype(array.dtype, np.integer)
+
+
 def encode_prompt(tokenizer, prompt: Prompt, vocab_size: int, prompt_name: str = "the prompt") -> mx.array:
     """Turn a prompt into a 1-D array of checked token ids.
 
@@ -157,13 +165,29 @@ def encode_prompt(tokenizer, prompt: Prompt, vocab_size: int, prompt_name: str =
 
     Returns:
         mx.array: The token ids, [T] int32.
+
+    Raises:
+        TypeError: If the prompt is neither text nor integer token ids.
+        ValueError: If an array of ids is not 1-D, or an id is outside the vocabulary.
     """
     if isinstance(prompt, str):
         ids = [int(t) for t in tokenizer.encode(prompt)]
-    elif isinstance(prompt, mx.array):
-        ids = prompt.reshape(-1).tolist()
-    else:
+    elif isinstance(prompt, (mx.array, np.ndarray)):
+        if prompt.ndim != 1:
+            raise ValueError(f"{prompt_name} has shape {list(prompt.shape)}; pass the token ids as a 1-D array")
+        if not _is_integer_array(prompt):
+            raise TypeError(f"{prompt_name} is an array of {prompt.dtype}; pass text or integer token ids")
+        ids = prompt.tolist()
+    elif isinstance(prompt, Sequence):
+        for position, token in enumerate(prompt):
+            if isinstance(token, bool) or not isinstance(token, (int, np.integer)):
+                raise TypeError(
+                    f"{prompt_name} has {token!r} ({type(token).__name__}) at position {position}; "
+                    "pass text or integer token ids"
+                )
         ids = [int(t) for t in prompt]
+    else:
+        raise TypeError(f"{prompt_name} is of type {type(prompt).__name__}; pass text or a sequence of integer token ids")
     check_token_ids(ids, vocab_size, prompt_name)
     return mx.array(ids, dtype=mx.int32)
 

@@ -11,7 +11,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -227,16 +227,36 @@ def quantize_like_weights(model: nn.Module, quantization: Dict[str, Any], weight
     )
 
 
-def load_model(source: str, dtype: Optional[mx.Dtype] = None) -> Tuple[nn.Module, Dict[str, Any], Path]:
+# The types that floating-point weights can be cast to when loading.
+WEIGHT_DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+
+
+def weight_dtype(dtype: Union[mx.Dtype, str]) -> mx.Dtype:
+    """Return the MLX type of ``dtype``, given as a type or its name.
+
+    Raises:
+        ValueError: If it is not float16, bfloat16 or float32.
+    """
+    if isinstance(dtype, str) and dtype in WEIGHT_DTYPES:
+        return WEIGHT_DTYPES[dtype]
+    if dtype in WEIGHT_DTYPES.values():
+        return dtype
+    raise ValueError(f"dtype must be one of {', '.join(WEIGHT_DTYPES)} (a name or mx type), got {dtype!r}")
+
+
+def load_model(source: str, dtype: Optional[Union[mx.Dtype, str]] = None) -> Tuple[nn.Module, Dict[str, Any], Path]:
     """Load a model without its tokenizer.
 
     Args:
         source (str): A directory, a checkpoint file or a Hugging Face repo id.
-        dtype (mx.Dtype, optional): Cast floating-point weights to this type.
+        dtype (mx.Dtype | str, optional): Cast floating-point weights to this
+            type: float16, bfloat16 or float32, as an MLX type or its name.
 
     Returns:
         tuple[nn.Module, dict, Path]: The model, its config and the local path.
     """
+    if dtype is not None:
+        dtype = weight_dtype(dtype)
     path = resolve_source(source)
     weights, config = read_weights(path)
     if dtype is not None:
@@ -266,7 +286,7 @@ def default_tokenizer_name(path: Path, config: Dict[str, Any]) -> str:
 def load(
     path_or_repo: str,
     tokenizer: Optional[str] = None,
-    dtype: Optional[mx.Dtype] = None,
+    dtype: Optional[Union[mx.Dtype, str]] = None,
     adapter_path: Optional[str] = None,
 ):
     """Load a model and its tokenizer, as ``mlx_lm.load`` does.
@@ -276,7 +296,8 @@ def load(
             checkpoint, or a Hugging Face repo id.
         tokenizer (str, optional): ``"world"``, ``"bytes"`` or a path to a
             tokenizer.json; chosen from the model when not given.
-        dtype (mx.Dtype, optional): Cast floating-point weights to this type.
+        dtype (mx.Dtype | str, optional): Cast floating-point weights to this
+            type: float16, bfloat16 or float32, as an MLX type or its name.
         adapter_path (str, optional): A folder of adapters from
             ``python -m rwkv_mlx.lora`` to apply (LoRA, DoRA, full or state).
 

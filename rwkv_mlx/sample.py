@@ -99,6 +99,14 @@ def make_sampler(
     return sampler
 
 
+def check_token_range(token_ids: Iterable[int], vocab_size: Optional[int], name: str) -> None:
+    """Raise ValueError for an id below 0, or not below ``vocab_size`` when it is given."""
+    for token in token_ids:
+        if token < 0 or (vocab_size is not None and token >= vocab_size):
+            limit = f"[0, {vocab_size})" if vocab_size is not None else "0 or more"
+            raise ValueError(f"{name} {token} is outside the vocabulary; ids must be {limit}")
+
+
 def make_token_ban(token_ids: Iterable[int], vocab_size: Optional[int] = None) -> LogitsProcessor:
     """Make a processor that gives the banned tokens a logit of ``-inf``.
 
@@ -113,10 +121,7 @@ def make_token_ban(token_ids: Iterable[int], vocab_size: Optional[int] = None) -
         LogitsProcessor: The processor.
     """
     banned = sorted({int(t) for t in token_ids})
-    for token in banned:
-        if token < 0 or (vocab_size is not None and token >= vocab_size):
-            limit = f"[0, {vocab_size})" if vocab_size is not None else "0 or more"
-            raise ValueError(f"banned token id {token} is outside the vocabulary; ids must be {limit}")
+    check_token_range(banned, vocab_size, "banned token id")
     if vocab_size is not None and len(banned) >= vocab_size:
         raise ValueError(f"all {vocab_size} tokens are banned, so none can be sampled")
     masks = {}
@@ -275,6 +280,7 @@ def make_logits_processors(
     """
     processors = []
     if logit_bias:
+        check_token_range([int(t) for t in logit_bias], vocab_size, "logit_bias token id")
         bias_ids = mx.array([int(t) for t in logit_bias])
         bias_values = mx.array([float(v) for v in logit_bias.values()])
 

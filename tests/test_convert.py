@@ -151,3 +151,15 @@ def test_cli_reports_missing_model(tmp_path):
     assert "missing.pth" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_load_takes_dtype_by_name():
+    model, _ = rwkv_mlx.load(str(PTH), dtype="bfloat16")
+
+    assert model.layers[0].attn.r_proj.weight.dtype == mx.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [mx.int32, "float64", "half"])
+def test_load_rejects_other_dtypes(dtype):
+    with pytest.raises(ValueError, match="dtype must be one of float16, bfloat16, float32"):
+        rwkv_mlx.load(str(PTH), dtype=dtype)

@@ -3,10 +3,11 @@
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+import pytest
 from mlx.utils import tree_flatten, tree_map
 from mlx_lm.models.cache import ArraysCache
 
-from random_models import random_model
+from random_models import TINY_CONFIG, random_model
 from rwkv_mlx.models import rwkv7
 from rwkv_mlx.tuner import apply_lora_layers
 
@@ -80,3 +81,56 @@ def test_quantized_model_compiled_step():
     nn.quantize(model, group_size=32, bits=4, class_predicate=lambda path, m: isinstance(m, nn.Linear) and m.weight.shape[-1] % 32 == 0)
 
     assert_all_close(decode_logits(model), decode_logits(model, uncompiled=True))
+
+
+def filled_cache(model, batch: int = 1) -> list:
+    cache = model.make_cache()
+    mx.eval(model(mx.repeat(PROMPT, batch, axis=0), cache=cache))
+    return cache
+
+
+def test_cache_of_another_model_rejected():
+    model = random_model(seed=3)
+    expected = decode_logits(model)
+    wider = random_model(dict(TINY_CONFIG, hidden_size=128, intermediate_size=256), seed=4)
+
+    with pytest.raises(ValueError, match=r"layer 0's time-mix token shift in the cache has shape \[1, 1, 128\]"):
+        model(PROMPT[:, :1], cache=filled_cache(wider))
+    with pytest.raises(ValueError, match=r"the cache has 3 layers but the model has 2"):
+        model(PROMPT[:, :1], cache=filled_cache(model) + filled_cache(model)[:1])
+
+    assert_all_close(decode_logits(model), expected)
+
+
+def test_cache_of_another_batch_rejected():
+    model = random_model(seed=3)
+
+    with pytest.raises(ValueError, match=r"has shape \[2, 1, 64\], but this model needs \[1, 1, 64\] for a batch of 1"):
+        model(PROMPT[:, :1], cache=filled_cache(model, batch=2))
+
+
+def test_non_integer_ids_rejected():
+    model = random_model(seed=3)
+
+    with pytest.raises(ValueError, match=r"expected token ids as an integer array \[B, T\], got mlx.core.float32"):
+        model(PROMPT.astype(mx.float32), cache=filled_cache(model))
+    with pytest.raises(ValueError, match=r"of shape \[6\]"):
+        model(PROMPT[0])
+
+
+def test_failed_trace_leaves_parameters(monkeypatch):
+    model = random_model(seed=3)
+    expected = decode_logits(model)
+    model._compiled_decode = None
+    cache = filled_cache(model)
+
+    def failing_linear(layer, x):
+        raise RuntimeError("out of memory")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(rwkv7, "linear", failing_linear)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            model(PROMPT[:, :1], cache=cache)
+
+    mx.eval(model.parameters())
+    assert_all_close(decode_logits(model), expected)

@@ -190,6 +190,31 @@ def test_invalid_arguments(model):
         batch_generate(model, tokenizer, [[1, 2], [999]], max_tokens=3)
 
 
+@pytest.mark.parametrize(
+    "prompt, error, message",
+    [
+        (mx.array([72.7, 101.2]), TypeError, "the prompt is an array of mlx.core.float32"),
+        ([72.7, 101.2], TypeError, r"the prompt has 72.7 \(float\) at position 0"),
+        (mx.array([True, False]), TypeError, "the prompt is an array of mlx.core.bool"),
+        (np.array([1.0, 2.0]), TypeError, "the prompt is an array of float64"),
+        (["H", "i"], TypeError, r"the prompt has 'H' \(str\) at position 0"),
+        (None, TypeError, "the prompt is of type NoneType"),
+        (72, TypeError, "the prompt is of type int"),
+        (mx.array([[72, 101], [105, 33]]), ValueError, r"the prompt has shape \[2, 2\]; pass the token ids as a 1-D array"),
+    ],
+)
+def test_prompt_of_wrong_type_rejected(model, prompt, error, message):
+    with pytest.raises(error, match=message):
+        list(stream_generate(model, ByteTokenizer(), prompt, max_tokens=3))
+
+
+@pytest.mark.parametrize("prompt", [[72, 101], (72, 101), np.array([72, 101], dtype=np.int64), mx.array([72, 101], dtype=mx.uint8)])
+def test_prompt_ids_in_any_integer_form(model, prompt):
+    expected = rwkv_mlx.generate(model, ByteTokenizer(), [72, 101], max_tokens=4)
+
+    assert rwkv_mlx.generate(model, ByteTokenizer(), prompt, max_tokens=4) == expected
+
+
 def test_continuation_equals_one_run(model):
     first, second = list(b"User: hi\n\nAssistant:"), list(b"\n\nUser: and then?\n\nAssistant:")
     cache = model.make_cache()

@@ -520,3 +520,21 @@ def test_remote_code_tokenizer_falls_back_to_world(converted, workdir):
 
     assert tokenizer.encode(PROMPT) == converted.tokenizer.encode(PROMPT)
     assert tokenizer.vocab_size == WORLD_CONFIG["vocab_size"]
+
+
+def test_mlx_lm_streams_bundled_model_text_unchanged():
+    # mlx-lm picks its streaming detokenizer from tokenizer.json's decoder, and
+    # the one for a bare ByteLevel decoder drops the first space of the output.
+    from mlx_lm import generate as mlx_lm_generate
+    from mlx_lm import load as mlx_lm_load
+
+    from rwkv_mlx.default_model import DEFAULT_MODEL_PATH
+
+    prompt = "She was not sure that Mr. Darcy"
+    model, tokenizer = mlx_lm_load(str(DEFAULT_MODEL_PATH))
+    ours, our_tokenizer = rwkv_mlx.load(str(DEFAULT_MODEL_PATH))
+
+    text = mlx_lm_generate(model, tokenizer, prompt, max_tokens=12)
+
+    assert text == rwkv_mlx.generate(ours, our_tokenizer, prompt, max_tokens=12)
+    assert text.startswith(" ")

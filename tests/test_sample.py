@@ -131,6 +131,13 @@ def test_invalid_ban_lists():
         make_token_ban([0, 1, 2], vocab_size=3)
 
 
+def test_logit_bias_outside_vocabulary_rejected():
+    with pytest.raises(ValueError, match=r"logit_bias token id 999 is outside the vocabulary; ids must be \[0, 256\)"):
+        make_logits_processors(logit_bias={5: 1.0, 999: 5.0}, vocab_size=256)
+    with pytest.raises(ValueError, match="logit_bias token id -2"):
+        make_logits_processors(logit_bias={-2: 1.0})
+
+
 def official_penalties(generated, vocab_size, presence, frequency, decay, uncounted):
     """The penalty loop of BlinkDL's rwkv.utils.PIPELINE.generate, in plain Python."""
     occurrence = {}

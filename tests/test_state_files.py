@@ -89,6 +89,15 @@ def test_other_model_rejected(model, tmp_path):
         load_state(path, other)
 
 
+def test_other_dtype_named_in_rejection(model, tmp_path):
+    path = tmp_path / "s.safetensors"
+    save_state(path, state_after(model, b"abc"), model)
+    half = random_model(seed=5, dtype=mx.float16)
+
+    with pytest.raises(CheckpointError, match="the same one in another dtype or quantization"):
+        load_state(path, half)
+
+
 def test_other_shape_rejected(model, tmp_path):
     path = tmp_path / "s.safetensors"
     save_state(path, state_after(model, b"abc"), model)
@@ -175,6 +184,9 @@ def test_empty_state_not_saved(model, tmp_path):
         save_state(tmp_path / "s", model.make_cache(), model)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         save_state(tmp_path / "no" / "s", state_after(model, b"a"), model)
+    with pytest.raises(ValueError, match=f"{tmp_path} is a folder; name a state file"):
+        save_state(tmp_path, state_after(model, b"a"), model)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_tokenizer_identity(tmp_path):

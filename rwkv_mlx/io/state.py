@@ -149,6 +149,8 @@ def save_state(
         tokens (int, optional): How many tokens the state has processed.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; name a state file, such as {path / 'state.safetensors'}")
     if len(cache) != len(model.layers):
         raise ValueError(f"the cache has {len(cache)} layers but the model has {len(model.layers)}")
     if any(entry is None for layer in cache for entry in layer.cache):
@@ -245,7 +247,9 @@ def load_state(
         raise CheckpointError(
             f"{path}: the state was saved from a different model (fingerprint "
             f"{metadata.get('model_fingerprint')}, shape {saved_shape}); this model's fingerprint is "
-            f"{fingerprint}, shape {model_shape(model)}. Load the state with the model that saved it"
+            f"{fingerprint}, shape {model_shape(model)}. The weights differ: another checkpoint, or the same "
+            "one in another dtype or quantization. Load the state with the model that saved it, in the same "
+            "dtype and quantization"
         )
     saved_tokenizer = metadata.get("tokenizer", "")
     if tokenizer and saved_tokenizer and saved_tokenizer != tokenizer:

@@ -288,6 +288,39 @@ def _is_decode_step(inputs: mx.array, cache: Optional[List[Any]]) -> bool:
     return True
 
 
+CACHE_ENTRY_NAMES = ("time-mix token shift", "WKV state", "channel-mix token shift")
+
+
+def check_cache(cache: List[Any], args: ModelArgs, batch: int) -> None:
+    """Raise ValueError unless ``cache`` fits a model of ``args`` and a batch of ``batch``.
+
+    A cache of another model or version would otherwise fail deep inside the
+    model with a shape error, or, in the compiled decode step, leave the
+    model's parameters unusable. Empty entries pass, and a batch of 1 in the
+    cache broadcasts to any batch.
+    """
+    layers = args.num_hidden_layers
+    if len(cache) != layers:
+        raise ValueError(
+            f"the cache has {len(cache)} layers but the model has {layers}; "
+            "make the cache with this model's make_cache()"
+        )
+
+    width, head_size = args.hidden_size, args.head_dim
+    expected = ((1, width), (width // head_size, head_size, head_size), (1, width))
+    for index, layer_cache in enumerate(cache):
+        for name, entry, shape in zip(CACHE_ENTRY_NAMES, getattr(layer_cache, "cache", ()), expected):
+            if entry is None:
+                continue
+            if tuple(entry.shape[1:]) != shape or entry.shape[0] not in (1, batch):
+                needed = [batch, *shape]
+                raise ValueError(
+                    f"layer {index}'s {name} in the cache has shape {list(entry.shape)}, but this model needs "
+                    f"{needed} for a batch of {batch}; make the cache with this model's make_cache(), or load "
+                    "a state saved from this model"
+                )
+
+
 def sanitize(weights: Dict[str, mx.array], source: str = "weights") -> Dict[str, mx.array]:
     """Bring RWKV-7 weights in the official or an mlx-lm/fla layout into this model's."""
     from ..io.layout7 import official_to_canonical, reshape_canonical
@@ -323,6 +356,10 @@ class Model(nn.Module):
         Returns:
             mx.array: Logits, [B, T, vocab_size].
         """
+        if inputs.ndim != 2 or not mx.issubdtype(inputs.dtype, mx.integer):
+            raise ValueError(f"expected token ids as an integer array [B, T], got {inputs.dtype} of shape {list(inputs.shape)}")
+        if cache is not None:
+            check_cache(cache, self.args, inputs.shape[0])
         if mask is None and _is_decode_step(inputs, cache):
             return self._decode_step(inputs, cache)
         return self._logits(inputs, cache, mask)
@@ -355,8 +392,30 @@ class Model(nn.Module):
 
             step = mx.compile(decode, inputs=[self])
             self._compiled_decode = step
+            self._decode_signature = None
 
-        logits, states = step(inputs, [entry for layer_cache in cache for entry in layer_cache.cache])
+        states = [entry for layer_cache in cache for entry in layer_cache.cache]
+        signature = (inputs.shape, inputs.dtype, *((entry.shape, entry.dtype) for entry in states))
+        if signature == getattr(self, "_decode_signature", None):
+            logits, states = step(inputs, states)
+        else:
+            # New shapes make MLX trace the step. Tracing swaps the parameters
+            # for placeholders and puts them back only when it succeeds, so the
+            # parameters are kept here to put back after an error. Keeping them
+            # costs 1.7 ms for the 0.1B shape on the 2-core x86_64 machine of
+            # docs/benchmarks.md, so only calls that trace pay it.
+            # NOTE: a trace that new weight shapes alone cause (adapters added
+            # after the first decode step) is not covered.
+            parameters = self.parameters()
+            try:
+                logits, states = step(inputs, states)
+            except Exception:
+                self.update(parameters)
+                self._compiled_decode = None
+                raise
+            # Set as a plain attribute, because nn.Module stores a tuple set
+            # the usual way in its parameter tree.
+            object.__setattr__(self, "_decode_signature", signature)
         for layer, layer_cache in enumerate(cache):
             layer_cache.cache = list(states[3 * layer : 3 * layer + 3])
         return logits

@@ -13,6 +13,7 @@ from .adapters import (
     load_tuned_cache,
     model_identity,
     prepare_for_training,
+    prepared_adapter_config,
     save_adapter_config,
     save_tuned_state,
 )
@@ -61,6 +62,7 @@ __all__ = [
     "make_tuned_cache",
     "model_identity",
     "prepare_for_training",
+    "prepared_adapter_config",
     "resume_from",
     "save_adapter_config",
     "save_tuned_state",

@@ -42,6 +42,7 @@ with the first saved tensors, so a run that stops before its first save leaves
 an existing folder unchanged.
 """
 
+import copy
 import json
 import logging
 from pathlib import Path
@@ -76,6 +77,10 @@ DEFAULT_LORA_KEYS = ("attn.r_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj",
 DEFAULT_LORA_PARAMETERS = {"rank": 8, "scale": 20.0, "dropout": 0.0}
 
 ADAPTER_LEAVES = {"lora": ("lora_a", "lora_b"), "dora": ("lora_a", "lora_b", "m")}
+
+
+# The attribute where prepare_for_training records what it applied.
+PREPARED_CONFIG_ATTRIBUTE = "_prepared_adapter_config"
 
 
 class AdapterError(ValueError):
@@ -258,22 +263,28 @@ def prepare_for_training(
             state of the last ``num_layers`` layers).
         num_layers (int): How many of the last layers to train; -1 for all.
         lora_parameters (dict, optional): For lora and dora, see
-            ``apply_lora_layers``; ``keys`` defaults to ``DEFAULT_LORA_KEYS``.
+            ``apply_lora_layers``; ``keys`` defaults to ``DEFAULT_LORA_KEYS``
+            (an adapter_config.json without ``keys``, mlx-lm's format, means
+            every linear layer instead).
 
     Returns:
         nn.Module: The model to train: the same object, or a
-        ``StateTunedModel`` around it for state tuning.
+        ``StateTunedModel`` around it for state tuning. It records what was
+        applied (``prepared_adapter_config``), and ``train`` writes that as
+        adapter_config.json unless given another.
     """
     if fine_tune_type not in FINE_TUNE_TYPES:
         raise ValueError(f"unknown fine-tune type {fine_tune_type!r}; expected one of {', '.join(FINE_TUNE_TYPES)}")
     selected = _selected_layers(model, num_layers)
     model.freeze()
 
+    config = {"fine_tune_type": fine_tune_type, "num_layers": num_layers}
     if fine_tune_type in ("lora", "dora"):
         parameters = {**DEFAULT_LORA_PARAMETERS, **(lora_parameters or {})}
         if parameters.get("keys") is None:
             parameters["keys"] = list(DEFAULT_LORA_KEYS)
         apply_lora_layers(model, num_layers, parameters, use_dora=fine_tune_type == "dora")
+        config["lora_parameters"] = parameters
     elif fine_tune_type == "full":
         for _, layer in selected:
             layer.unfreeze()
@@ -284,7 +295,26 @@ def prepare_for_training(
         for index, layer_state in enumerate(model.initial_state.layers):
             if index not in chosen:
                 layer_state.freeze()
+
+    # Set as a plain attribute, because nn.Module stores a dict set the usual
+    # way in its parameter tree.
+    object.__setattr__(model, PREPARED_CONFIG_ATTRIBUTE, config)
     return model
+
+
+def prepared_adapter_config(model: nn.Module) -> Optional[Dict[str, Any]]:
+    """Return what ``prepare_for_training`` applied to ``model``, as adapter_config.json contents.
+
+    Args:
+        model (nn.Module): A model returned by ``prepare_for_training``.
+
+    Returns:
+        dict | None: ``fine_tune_type``, ``num_layers`` and, for lora and
+        dora, ``lora_parameters`` with their ``keys``: what ``load_adapters``
+        reads. None for a model that ``prepare_for_training`` did not return.
+    """
+    config = getattr(model, PREPARED_CONFIG_ATTRIBUTE, None)
+    return copy.deepcopy(config) if config is not None else None
 
 
 def _train_in_float32(layer: nn.Module) -> None:
@@ -457,6 +487,11 @@ def load_adapters(model: nn.Module, adapter_path) -> nn.Module:
         starts every sequence from the tuned state.
     """
     adapter_path = Path(adapter_path)
+    if isinstance(model, StateTunedModel) or any(isinstance(m, (LoRALinear, DoRALinear)) for _, m in model.named_modules()):
+        raise AdapterError(
+            f"cannot load {adapter_path}: the model already has adapters; load them onto a freshly loaded base "
+            "model, or merge the present ones first with fuse_adapters"
+        )
     config = read_adapter_config(adapter_path)
     weights_file = adapter_path / ADAPTER_WEIGHTS_FILE
     weights, metadata = read_adapter_weights(weights_file)

@@ -33,6 +33,7 @@ from .adapters import (
     cast_to_parameters,
     check_model_identity,
     model_identity,
+    prepared_adapter_config,
     read_adapter_weights,
     save_adapter_config,
     save_adapter_weights,
@@ -806,7 +807,10 @@ def train(
             (a ``tokenizer_identity``) also goes into the state file.
         adapter_config (dict, optional): Written as ``adapter_config.json``
             beside ``args.adapter_file`` with the first save, together with
-            the model's ``model_type`` and ``rwkv_version``.
+            the model's ``model_type`` and ``rwkv_version``. Defaults to what
+            ``prepare_for_training`` applied to the model, so that
+            ``load_adapters`` reads the folder; a model that it did not
+            prepare gets no adapter_config.json.
 
     Returns:
         TrainingHistory: The reported losses. The trained tensors are in
@@ -832,6 +836,8 @@ def train(
     mx.random.seed(args.seed)
     identity = model_identity(model)
     metadata = {**(metadata or {}), **identity}
+    if adapter_config is None:
+        adapter_config = prepared_adapter_config(model)
     if adapter_config is not None:
         adapter_config = {**adapter_config, **identity}
     run = _TrainingRun(model, args, optimizer, valid_examples, training_callback, metadata, adapter_config)

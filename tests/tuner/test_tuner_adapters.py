@@ -154,6 +154,18 @@ def test_qlora_fuse_keeps_or_drops_quantization():
     assert requantized.layers[0].attn.r_proj.bits == 4
 
 
+@pytest.mark.parametrize("fine_tune_type", ["lora", "state"])
+def test_load_adapters_twice_rejected(tmp_path, fine_tune_type):
+    base = tiny_model().eval()
+    fingerprint = base_fingerprint(base)
+    trained = prepare_for_training(base, fine_tune_type, lora_parameters=LORA_PARAMETERS)
+    train_steps(trained, tmp_path, examples=pattern_examples(), iters=1, fine_tune_type=fine_tune_type, fingerprint=fingerprint)
+    loaded = load_adapters(tiny_model().eval(), tmp_path)
+
+    with pytest.raises(AdapterError, match="the model already has adapters; load them onto a freshly loaded base model"):
+        load_adapters(loaded, tmp_path)
+
+
 @pytest.mark.parametrize("fine_tune_type", ["lora", "dora", "full", "state"])
 def test_load_adapters_reproduces_trained_model(tmp_path, fine_tune_type):
     base = tiny_model().eval()

@@ -1,6 +1,7 @@
 """Fine-tuning RWKV-4, 5.0, 5.1, 5.2 and 6 models: LoRA, DoRA, QLoRA, full
 fine-tunes and state tuning, their adapter folders and tuned states."""
 
+import json
 import re
 
 import mlx.core as mx
@@ -201,6 +202,9 @@ def test_state_of_other_layout_rejected(tmp_path):
     weights, metadata = mx.load(str(tmp_path / "adapters.safetensors"), return_metadata=True)
     del metadata["model_type"], metadata["rwkv_version"]
     mx.save_safetensors(str(tmp_path / "adapters.safetensors"), weights, metadata=metadata)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    del config["model_type"], config["rwkv_version"]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
 
     with pytest.raises(AdapterError) as error:
         load_adapters(older_model("6"), tmp_path)

@@ -528,3 +528,25 @@ def test_training_step_projects_once(training_type, monkeypatch):
     counts.update(forward=0, back=0)
     batch_loss_and_grad(model, batch, args)
     assert counts == {"forward": chunks, "back": 0}
+
+
+@pytest.mark.parametrize("fine_tune_type", ["lora", "dora", "state", "full"])
+def test_trained_folder_loads_without_adapter_config(tmp_path, fine_tune_type):
+    model = prepare_for_training(tiny_model(), fine_tune_type, num_layers=1, lora_parameters={"rank": 4})
+    train(model, pattern_examples(8), None, quick_args(tmp_path, iters=2))
+    model.eval()
+    ids = mx.array([[40, 41, 42, 43]])
+
+    loaded = load_adapters(tiny_model(), tmp_path)
+
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["fine_tune_type"] == fine_tune_type
+    assert config["num_layers"] == 1
+    assert mx.allclose(loaded(ids), model(ids), atol=1e-5).item()
+
+
+def test_unprepared_model_records_no_adapter_config():
+    from rwkv_mlx.tuner import prepared_adapter_config
+
+    assert prepared_adapter_config(tiny_model()) is None
+    assert prepared_adapter_config(prepare_for_training(tiny_model(), "lora"))["lora_parameters"]["keys"]

@@ -12,7 +12,7 @@ import pytest
 from mlx.utils import tree_flatten, tree_map
 
 from random_models import OLDER_MODULES, TINY_CONFIG, random_model, random_older_model, two_layer_older_config
-from rwkv_mlx.tuner import DEFAULT_LORA_KEYS, TrainingArgs, save_adapter_config, train
+from rwkv_mlx.tuner import DEFAULT_LORA_KEYS, TrainingArgs, train
 from rwkv_mlx.tuner.datasets import make_example
 from rwkv_mlx.tuner.trainer import batch_loss_and_grad, collate, sequence_loss
 
@@ -113,15 +113,12 @@ LORA_PARAMETERS = {"rank": 4, "scale": 10.0, "dropout": 0.0}
 def train_steps(model, folder, iters, fine_tune_type, examples, learning_rate=1e-2, fingerprint="", valid=None, **extra):
     """Train ``iters`` steps on ``examples`` into an adapter folder with its
     config, validating on ``valid`` at the start and the end; returns the history."""
-    save_adapter_config(
-        folder,
-        {
-            "fine_tune_type": fine_tune_type,
-            "num_layers": -1,
-            "lora_parameters": {**LORA_PARAMETERS, "keys": list(DEFAULT_LORA_KEYS)},
-            "base_model_fingerprint": fingerprint,
-        },
-    )
+    adapter_config = {
+        "fine_tune_type": fine_tune_type,
+        "num_layers": -1,
+        "lora_parameters": {**LORA_PARAMETERS, "keys": list(DEFAULT_LORA_KEYS)},
+        "base_model_fingerprint": fingerprint,
+    }
     args = TrainingArgs(
         batch_size=2,
         iters=iters,
@@ -133,7 +130,7 @@ def train_steps(model, folder, iters, fine_tune_type, examples, learning_rate=1e
         **extra,
     )
     metadata = {"fine_tune_type": fine_tune_type, "base_model_fingerprint": fingerprint}
-    return train(model, examples, valid, args, metadata=metadata)
+    return train(model, examples, valid, args, metadata=metadata, adapter_config=adapter_config)
 
 
 def base_name(name: str) -> str:
