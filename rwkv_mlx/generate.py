@@ -388,7 +388,8 @@ def generate_step(
     yielded token.
 
     Args:
-        prompt (mx.array): Token ids, [T]; must not be empty.
+        prompt (mx.array): Token ids, [T]; must not be empty, and every id
+            must be in the model's vocabulary.
         model (nn.Module): The model.
         max_tokens (int): Tokens to generate; 0 only processes the prompt,
             -1 means no limit.
@@ -411,6 +412,7 @@ def generate_step(
     check_max_tokens(max_tokens)
     if prefill_step_size < 1:
         raise ValueError(f"prefill_step_size must be at least 1, got {prefill_step_size}")
+    prompt = encode_prompt(None, prompt, vocab_size_of(model))
     cache = prompt_cache if prompt_cache is not None else model.make_cache()
     sampler = sampler or greedy_sampler
     processors = list(logits_processors or [])

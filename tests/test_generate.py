@@ -208,6 +208,13 @@ def test_prompt_of_wrong_type_rejected(model, prompt, error, message):
         list(stream_generate(model, ByteTokenizer(), prompt, max_tokens=3))
 
 
+def test_generate_step_checks_prompt(model):
+    with pytest.raises(ValueError, match=r"token id 999 at position 1 of the prompt is outside the model's vocabulary \[0, 256\)"):
+        next(generate_step(mx.array([72, 999]), model, max_tokens=2))
+    with pytest.raises(ValueError, match="the prompt is empty"):
+        next(generate_step(mx.array([], dtype=mx.int32), model, max_tokens=2))
+
+
 @pytest.mark.parametrize("prompt", [[72, 101], (72, 101), np.array([72, 101], dtype=np.int64), mx.array([72, 101], dtype=mx.uint8)])
 def test_prompt_ids_in_any_integer_form(model, prompt):
     expected = rwkv_mlx.generate(model, ByteTokenizer(), [72, 101], max_tokens=4)

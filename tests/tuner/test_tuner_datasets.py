@@ -260,3 +260,11 @@ def test_hub_dataset_is_downloaded(tmp_path, tokenizer, monkeypatch):
 
     assert requests == [("someone/notes", "dataset", ["*.jsonl"])]
     assert np.array_equal(data["train"][0].tokens[:4], list(b"from"))
+
+
+@pytest.mark.parametrize("item", ["hello there", b"hello", {"text": "hello"}])
+def test_text_example_rejected(item):
+    from rwkv_mlx.tuner.datasets import as_example
+
+    with pytest.raises(DatasetError, match=r"example 3 is a \w+, not token ids; encode text with the tokenizer"):
+        as_example(item, 3)
