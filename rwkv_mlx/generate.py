@@ -940,9 +940,9 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--top-k must be 0 or more, got {args.top_k}; 0 keeps every token")
     if args.save_state and not Path(args.save_state).resolve().parent.is_dir():
         parser.error(f"--save-state {args.save_state}: the folder does not exist; create it first")
-    if args.save_state and Path(args.save_state).is_dir():
+    if args.save_state and (Path(args.save_state).is_dir() or args.save_state.endswith("/")):
         parser.error(
-            f"--save-state {args.save_state} is a folder; name a file, such as {Path(args.save_state) / 'state.safetensors'}"
+            f"--save-state {args.save_state} names a folder; name a file, such as {Path(args.save_state) / 'state.safetensors'}"
         )
     if args.system_prompt and not args.chat:
         parser.error("--system-prompt is used only with --chat")

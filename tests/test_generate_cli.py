@@ -107,11 +107,16 @@ def test_save_state_folder_missing(tmp_path, capsys):
     assert "the folder does not exist" in capsys.readouterr().err
 
 
-def test_save_state_into_a_folder(tmp_path, capsys):
+@pytest.mark.parametrize("name", ["", "new/"])
+def test_save_state_into_a_folder(tmp_path, capsys, name):
+    folder = f"{tmp_path}/{name}" if name else str(tmp_path)
+
     with pytest.raises(SystemExit) as exit_info:
-        main(["--model", "unused", "--save-state", str(tmp_path)])
+        main(["--model", "unused", "--save-state", folder])
+
     assert exit_info.value.code == 2
-    assert f"--save-state {tmp_path} is a folder; name a file" in capsys.readouterr().err
+    assert f"--save-state {folder} names a folder; name a file" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("chat", [False, True])

@@ -195,6 +195,29 @@ def test_cache_entries_have_documented_shapes(version):
 
 
 @pytest.mark.parametrize("version", VERSIONS)
+def test_cache_of_another_model_or_batch_rejected(version):
+    model = random_model(version)
+    ids = mx.array([[1, 2, 3]])
+    expected = model(ids)
+    batch_of_two = model.make_cache()
+    model(mx.array([[1, 2, 3], [4, 5, 6]]), cache=batch_of_two)
+    other_version = "6" if version == "4" else "4"
+    foreign = random_model(other_version).make_cache()
+    random_model(other_version)(ids, cache=foreign)
+
+    with pytest.raises(ValueError, match="the cache has 3 layers but the model has 2"):
+        model(ids, cache=model.make_cache() + model.make_cache()[:1])
+    with pytest.raises(ValueError, match=r"layer 0's time-mix token shift in the cache has shape \[2, 1, 32\]"):
+        model(ids, cache=batch_of_two)
+    with pytest.raises(ValueError, match="layer 0's WKV state in the cache has shape"):
+        model(ids, cache=foreign)
+    with pytest.raises(ValueError, match="expected token ids as an integer array"):
+        model(ids.astype(mx.float32))
+
+    assert mx.array_equal(model(ids), expected).item()
+
+
+@pytest.mark.parametrize("version", VERSIONS)
 def test_prefill_in_pieces_equals_whole(version):
     model = random_model(version)
     tokens = mx.array(np.random.default_rng(1).integers(0, 64, (1, 41)))

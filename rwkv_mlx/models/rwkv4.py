@@ -28,7 +28,7 @@ from mlx_lm.models.cache import ArraysCache
 from ..ops import fast_math, wkv4
 from ..ops.linear import linear
 from ..ops.wkv4 import empty_state
-from .rwkv7 import token_shift
+from .rwkv7 import check_cache, check_inputs, token_shift
 
 DEFAULT_RESCALE_EVERY = 6
 
@@ -214,6 +214,15 @@ class LanguageModel(nn.Module):
         Returns:
             mx.array: Logits, [B, T, vocab_size].
         """
+        check_inputs(inputs)
+        if cache is not None:
+            C = self.args.hidden_size
+            if self.version == "4":
+                state = (3, C)
+            else:
+                N = self.args.head_dim
+                state = (C // N, N, N)
+            check_cache(cache, len(self.layers), inputs.shape[0], ((1, C), state, (1, C)))
         return linear(self.lm_head, self.model(inputs, cache, mask))
 
     @property

@@ -13,7 +13,7 @@ The state and the decay are float32 whatever the weights are.
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -291,33 +291,43 @@ def _is_decode_step(inputs: mx.array, cache: Optional[List[Any]]) -> bool:
 CACHE_ENTRY_NAMES = ("time-mix token shift", "WKV state", "channel-mix token shift")
 
 
-def check_cache(cache: List[Any], args: ModelArgs, batch: int) -> None:
-    """Raise ValueError unless ``cache`` fits a model of ``args`` and a batch of ``batch``.
+def check_inputs(inputs: mx.array) -> None:
+    """Raise ValueError unless ``inputs`` is a [B, T] integer array of token ids."""
+    if inputs.ndim != 2 or not mx.issubdtype(inputs.dtype, mx.integer):
+        raise ValueError(f"expected token ids as an integer array [B, T], got {inputs.dtype} of shape {list(inputs.shape)}")
+
+
+def check_cache(cache: List[Any], layers: int, batch: int, entry_shapes: Sequence[Tuple[int, ...]]) -> None:
+    """Raise ValueError unless ``cache`` fits a model and a batch of ``batch``.
 
     A cache of another model or version would otherwise fail deep inside the
-    model with a shape error, or, in the compiled decode step, leave the
-    model's parameters unusable. Empty entries pass, and a batch of 1 in the
-    cache broadcasts to any batch.
+    model with a shape error, give wrong output, or, in RWKV-7's compiled
+    decode step, leave the model's parameters unusable. Empty entries pass,
+    and a batch of 1 in the cache broadcasts to any batch.
+
+    Args:
+        cache (list): One cache per layer, each with the entries of
+            ``CACHE_ENTRY_NAMES``.
+        layers (int): The model's layer count.
+        batch (int): The batch size of the call.
+        entry_shapes (Sequence[tuple[int, ...]]): Each entry's shape without
+            the batch dimension.
     """
-    layers = args.num_hidden_layers
     if len(cache) != layers:
         raise ValueError(
             f"the cache has {len(cache)} layers but the model has {layers}; "
             "make the cache with this model's make_cache()"
         )
 
-    width, head_size = args.hidden_size, args.head_dim
-    expected = ((1, width), (width // head_size, head_size, head_size), (1, width))
     for index, layer_cache in enumerate(cache):
-        for name, entry, shape in zip(CACHE_ENTRY_NAMES, getattr(layer_cache, "cache", ()), expected):
+        for name, entry, shape in zip(CACHE_ENTRY_NAMES, getattr(layer_cache, "cache", ()), entry_shapes):
             if entry is None:
                 continue
-            if tuple(entry.shape[1:]) != shape or entry.shape[0] not in (1, batch):
-                needed = [batch, *shape]
+            if tuple(entry.shape[1:]) != tuple(shape) or entry.shape[0] not in (1, batch):
                 raise ValueError(
                     f"layer {index}'s {name} in the cache has shape {list(entry.shape)}, but this model needs "
-                    f"{needed} for a batch of {batch}; make the cache with this model's make_cache(), or load "
-                    "a state saved from this model"
+                    f"{[batch, *shape]} for a batch of {batch}; make the cache with this model's make_cache(), "
+                    "or load a state saved from this model"
                 )
 
 
@@ -356,10 +366,10 @@ class Model(nn.Module):
         Returns:
             mx.array: Logits, [B, T, vocab_size].
         """
-        if inputs.ndim != 2 or not mx.issubdtype(inputs.dtype, mx.integer):
-            raise ValueError(f"expected token ids as an integer array [B, T], got {inputs.dtype} of shape {list(inputs.shape)}")
+        check_inputs(inputs)
         if cache is not None:
-            check_cache(cache, self.args, inputs.shape[0])
+            C, N = self.args.hidden_size, self.args.head_dim
+            check_cache(cache, len(self.layers), inputs.shape[0], ((1, C), (C // N, N, N), (1, C)))
         if mask is None and _is_decode_step(inputs, cache):
             return self._decode_step(inputs, cache)
         return self._logits(inputs, cache, mask)

@@ -92,8 +92,15 @@ class Features:
 
 
 def make_example(tokens: Sequence[int], loss_mask: Optional[Sequence[bool]] = None, source: str = "") -> Example:
-    """Build an Example, training on every token after the first when no mask is given."""
-    tokens = np.asarray(tokens, dtype=np.int32).reshape(-1)
+    """Build an Example, training on every token after the first when no mask is given.
+
+    Raises:
+        DatasetError: If the tokens are not integers.
+    """
+    tokens = np.asarray(tokens)
+    if tokens.size and not np.issubdtype(tokens.dtype, np.integer):
+        raise DatasetError(f"{source or 'example'}: token ids must be integers, got {tokens.dtype}")
+    tokens = tokens.astype(np.int32).reshape(-1)
     if loss_mask is None:
         loss_mask = np.ones(len(tokens), dtype=bool)
     loss_mask = np.asarray(loss_mask, dtype=bool).reshape(-1).copy()
@@ -135,7 +142,9 @@ def read_jsonl(path: Path) -> List[Tuple[int, Dict[str, Any]]]:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                # Without its line break, an error at the end of the line is
+                # reported there and not at column 1 of a next line.
+                record = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as error:
                 # Some of json's messages end in "at" ("Invalid control character at").
                 reason = error.msg.removesuffix(" at")

@@ -100,6 +100,7 @@ def test_blank_lines_are_skipped(tmp_path, tokenizer):
         (["", "  "], "the file has no records"),
         (['{"text": "ok"}', '{"text": "broken"'], ":2: invalid JSON"),
         (['{"text": "a\tb"}'], ":1: invalid JSON (Invalid control character at column 12)"),
+        (['{"text": "abc"', '{"text": "ok"}'], ":1: invalid JSON (Expecting ',' delimiter at column 15)"),
         (['["a", "b"]'], ":1: expected a JSON object, found a JSON list"),
         (['{"body": "x", "title": "y"}'], ":1: the record has none of the fields"),
         (['{"text": "a"}', '{"messages": []}'], ":2: expected a text record with 'text' like line 1"),
@@ -268,3 +269,11 @@ def test_text_example_rejected(item):
 
     with pytest.raises(DatasetError, match=r"example 3 is a \w+, not token ids; encode text with the tokenizer"):
         as_example(item, 3)
+
+
+@pytest.mark.parametrize("tokens", [np.array([1.5, 2.0]), [1.0, 2.0], [True, False]])
+def test_non_integer_tokens_rejected(tokens):
+    from rwkv_mlx.tuner.datasets import as_example
+
+    with pytest.raises(DatasetError, match="example 2: token ids must be integers"):
+        as_example(tokens, 2)
