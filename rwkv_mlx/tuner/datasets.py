@@ -111,18 +111,21 @@ def make_example(tokens: Sequence[int], loss_mask: Optional[Sequence[bool]] = No
     return Example(tokens, loss_mask, source)
 
 
-def as_example(item: Any, index: int = 0) -> Example:
-    """Accept an Example, a sequence of token ids, or a (tokens, loss_mask) pair."""
+def as_example(item: Any, index: int = 0, kind: str = "example") -> Example:
+    """Accept an Example, a sequence of token ids, or a (tokens, loss_mask) pair.
+
+    Errors name the item as ``{kind} {index}``, such as "validation example 3".
+    """
     if isinstance(item, Example):
         return item
     if isinstance(item, (str, bytes, dict)):
         raise DatasetError(
-            f"example {index} is a {type(item).__name__}, not token ids; encode text with the tokenizer "
+            f"{kind} {index} is a {type(item).__name__}, not token ids; encode text with the tokenizer "
             "(make_example(tokenizer.encode(text))), or read a JSON Lines file with load_jsonl_dataset"
         )
     if isinstance(item, tuple) and len(item) == 2 and not np.isscalar(item[1]):
-        return make_example(item[0], item[1], source=f"example {index}")
-    return make_example(item, source=f"example {index}")
+        return make_example(item[0], item[1], source=f"{kind} {index}")
+    return make_example(item, source=f"{kind} {index}")
 
 
 def read_jsonl(path: Path) -> List[Tuple[int, Dict[str, Any]]]:

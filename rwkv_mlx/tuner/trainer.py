@@ -825,7 +825,7 @@ def train(
         TrainingInterrupted: On KeyboardInterrupt, after logging which checkpoint is the last one.
     """
     train_examples = [as_example(item, i) for i, item in enumerate(train_set)]
-    valid_examples = [as_example(item, i) for i, item in enumerate(valid_set or [])]
+    valid_examples = [as_example(item, i, "validation example") for i, item in enumerate(valid_set or [])]
     _check_training_inputs(model, train_examples, valid_examples, args)
     if args.grad_checkpoint and any(getattr(m, "p", 0) > 0 for _, m in model.named_modules() if isinstance(m, nn.Dropout)):
         # NOTE: the recomputed block draws new dropout masks, so its gradient

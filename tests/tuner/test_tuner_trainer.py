@@ -550,3 +550,10 @@ def test_unprepared_model_records_no_adapter_config():
 
     assert prepared_adapter_config(tiny_model()) is None
     assert prepared_adapter_config(prepare_for_training(tiny_model(), "lora"))["lora_parameters"]["keys"]
+
+
+def test_bad_validation_example_named(tmp_path):
+    model = prepare_for_training(tiny_model(), "lora")
+
+    with pytest.raises(ValueError, match="validation example 1: token ids must be integers"):
+        train(model, pattern_examples(4), [[1, 2, 3], [1.5, 2.0]], quick_args(tmp_path, iters=1))
