@@ -409,10 +409,33 @@ def generate_step(
         tuple[int, mx.array]: A token id and the log-probabilities [V] it
         was drawn from.
     """
+    yield from _generate_from_ids(
+        encode_prompt(None, prompt, vocab_size_of(model)),
+        model,
+        max_tokens=max_tokens,
+        sampler=sampler,
+        logits_processors=logits_processors,
+        prompt_cache=prompt_cache,
+        prefill_step_size=prefill_step_size,
+        prompt_progress_callback=prompt_progress_callback,
+    )
+
+
+def _generate_from_ids(
+    prompt: mx.array,
+    model: nn.Module,
+    *,
+    max_tokens: int = 256,
+    sampler: Optional[Sampler] = None,
+    logits_processors: Optional[List[LogitsProcessor]] = None,
+    prompt_cache: Optional[List[Any]] = None,
+    prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE,
+    prompt_progress_callback: Optional[Callable[[int, int], None]] = None,
+) -> Generator[Tuple[int, mx.array], None, None]:
+    """Run ``generate_step`` on ids that ``encode_prompt`` has already checked."""
     check_max_tokens(max_tokens)
     if prefill_step_size < 1:
         raise ValueError(f"prefill_step_size must be at least 1, got {prefill_step_size}")
-    prompt = encode_prompt(None, prompt, vocab_size_of(model))
     cache = prompt_cache if prompt_cache is not None else model.make_cache()
     sampler = sampler or greedy_sampler
     processors = list(logits_processors or [])
@@ -517,7 +540,7 @@ def stream_generate(
 
     with wired_limit():
         start = time.perf_counter()
-        token_stream = generate_step(ids, model, max_tokens=max_tokens, **kwargs)
+        token_stream = _generate_from_ids(ids, model, max_tokens=max_tokens, **kwargs)
         if max_tokens == 0:
             for _ in token_stream:
                 pass
@@ -1213,7 +1236,7 @@ def interrupt_message(args: argparse.Namespace, session: Optional[Session]) -> s
     if not args.save_state:
         return "interrupted"
     if session is not None and session.saved_state:
-        return f"interrupted; {args.save_state} holds the state after the last completed reply"
+        return f"interrupted; {args.save_state} contains the state after the last completed reply"
     return f"interrupted before a reply completed; {args.save_state} was not written"
 
 

@@ -280,8 +280,9 @@ def make_logits_processors(
     """
     processors = []
     if logit_bias:
-        check_token_range([int(t) for t in logit_bias], vocab_size, "logit_bias token id")
-        bias_ids = mx.array([int(t) for t in logit_bias])
+        ids = [int(t) for t in logit_bias]
+        check_token_range(ids, vocab_size, "logit_bias token id")
+        bias_ids = mx.array(ids)
         bias_values = mx.array([float(v) for v in logit_bias.values()])
 
         def add_logit_bias(tokens: mx.array, logits: mx.array) -> mx.array:

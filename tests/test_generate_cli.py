@@ -138,7 +138,7 @@ def test_interrupt_names_what_was_saved(model_dir, tmp_path, capsys, monkeypatch
 
     assert code == 130
     if chat:
-        assert f"interrupted; {state_file} holds the state after the last completed reply" in err
+        assert f"interrupted; {state_file} contains the state after the last completed reply" in err
         assert state_file.exists()
     else:
         assert f"interrupted before a reply completed; {state_file} was not written" in err

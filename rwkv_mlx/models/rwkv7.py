@@ -412,8 +412,7 @@ class Model(nn.Module):
             # New shapes make MLX trace the step. Tracing swaps the parameters
             # for placeholders and puts them back only when it succeeds, so the
             # parameters are kept here to put back after an error. Keeping them
-            # costs 1.7 ms for the 0.1B shape on the 2-core x86_64 machine of
-            # docs/benchmarks.md, so only calls that trace pay it.
+            # walks the whole parameter tree, so only calls that trace pay it.
             # NOTE: a trace that new weight shapes alone cause (adapters added
             # after the first decode step) is not covered.
             parameters = self.parameters()

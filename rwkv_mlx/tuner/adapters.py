@@ -88,6 +88,11 @@ class AdapterError(ValueError):
     message names the file and the tensor or field."""
 
 
+def _has_adapter_layers(model: nn.Module) -> bool:
+    """Return whether any layer of ``model`` is a LoRA or DoRA layer."""
+    return any(isinstance(m, (LoRALinear, DoRALinear)) for _, m in model.named_modules())
+
+
 def base_fingerprint(model: nn.Module) -> str:
     """Return the fingerprint of the base model under any adapters.
 
@@ -99,7 +104,7 @@ def base_fingerprint(model: nn.Module) -> str:
     """
     if isinstance(model, StateTunedModel):
         return model_fingerprint(model.base_model)
-    if any(isinstance(m, (LoRALinear, DoRALinear)) for _, m in model.named_modules()):
+    if _has_adapter_layers(model):
         raise ValueError("the model already has LoRA or DoRA layers; take the fingerprint before adding them")
     return model_fingerprint(model)
 
@@ -487,7 +492,7 @@ def load_adapters(model: nn.Module, adapter_path) -> nn.Module:
         starts every sequence from the tuned state.
     """
     adapter_path = Path(adapter_path)
-    if isinstance(model, StateTunedModel) or any(isinstance(m, (LoRALinear, DoRALinear)) for _, m in model.named_modules()):
+    if isinstance(model, StateTunedModel) or _has_adapter_layers(model):
         raise AdapterError(
             f"cannot load {adapter_path}: the model already has adapters; load them onto a freshly loaded base "
             "model, or merge the present ones first with fuse_adapters"

@@ -112,9 +112,10 @@ def make_example(tokens: Sequence[int], loss_mask: Optional[Sequence[bool]] = No
 
 
 def as_example(item: Any, index: int = 0, kind: str = "example") -> Example:
-    """Accept an Example, a sequence of token ids, or a (tokens, loss_mask) pair.
+    """Return ``item`` as an Example.
 
-    Errors name the item as ``{kind} {index}``, such as "validation example 3".
+    ``item`` is an Example, a sequence of token ids, or a (tokens, loss_mask)
+    pair. Errors name it as ``{kind} {index}``, such as "validation example 3".
     """
     if isinstance(item, Example):
         return item
