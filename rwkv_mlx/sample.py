@@ -284,8 +284,12 @@ def make_logits_processors(
         check_token_range(ids, vocab_size, "logit_bias token id")
         bias_ids = mx.array(ids)
         bias_values = mx.array([float(v) for v in logit_bias.values()])
+        highest = max(ids)
 
         def add_logit_bias(tokens: mx.array, logits: mx.array) -> mx.array:
+            # Without vocab_size the range is known only here.
+            if highest >= logits.shape[-1]:
+                check_token_range(ids, logits.shape[-1], "logit_bias token id")
             return logits.astype(mx.float32).at[:, bias_ids].add(bias_values)
 
         processors.append(add_logit_bias)

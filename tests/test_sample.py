@@ -138,6 +138,15 @@ def test_logit_bias_outside_vocabulary_rejected():
         make_logits_processors(logit_bias={-2: 1.0})
 
 
+def test_logit_bias_without_vocab_size_checked_against_logits():
+    (bias,) = make_logits_processors(logit_bias={5: 1.0, 999: 5.0})
+    tokens = mx.zeros((1, 0), dtype=mx.int32)
+
+    with pytest.raises(ValueError, match=r"logit_bias token id 999 is outside the vocabulary; ids must be \[0, 256\)"):
+        bias(tokens, mx.zeros((1, 256)))
+    assert bias(tokens, mx.zeros((1, 1000)))[0, 999].item() == 5.0
+
+
 def official_penalties(generated, vocab_size, presence, frequency, decay, uncounted):
     """The penalty loop of BlinkDL's rwkv.utils.PIPELINE.generate, in plain Python."""
     occurrence = {}

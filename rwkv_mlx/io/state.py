@@ -248,8 +248,8 @@ def load_state(
             f"{path}: the state was saved from a different model (fingerprint "
             f"{metadata.get('model_fingerprint')}, shape {saved_shape}); this model's fingerprint is "
             f"{fingerprint}, shape {model_shape(model)}. The weights differ: another checkpoint, or the same "
-            "one in another dtype or quantization. Load the state with the model that saved it, in the same "
-            "dtype and quantization"
+            f"one in another dtype or quantization.{_dtype_difference(arrays, model)} Load the state with the "
+            "model that saved it, in the same dtype and quantization"
         )
     saved_tokenizer = metadata.get("tokenizer", "")
     if tokenizer and saved_tokenizer and saved_tokenizer != tokenizer:
@@ -269,6 +269,27 @@ def load_state(
     return cache, metadata
 
 
+def _probe_cache(model: nn.Module) -> List[ArraysCache]:
+    """Return a fresh cache after one token, whose entries have the shapes and
+    dtypes the model gives them (for a batch of 1), for every RWKV version."""
+    probe = model.make_cache()
+    model(mx.zeros((1, 1), dtype=mx.int32), cache=probe)
+    return probe
+
+
+def _dtype_difference(arrays: Dict[str, mx.array], model: nn.Module) -> str:
+    """Return a sentence naming the state's and the model's activation dtypes
+    when they differ, else an empty string."""
+    saved = arrays.get(f"layers.0.{CACHE_ENTRIES[0]}")
+    if saved is None:
+        return ""
+    expected = _probe_cache(model)[0][0].dtype
+    if saved.dtype == expected:
+        return ""
+    saved_name, expected_name = (str(dtype).rsplit(".", 1)[-1] for dtype in (saved.dtype, expected))
+    return f" The state was saved from a model that computes in {saved_name}, and this one computes in {expected_name}."
+
+
 def check_state_shapes(cache: List[ArraysCache], model: nn.Module, source: str) -> None:
     """Raise CheckpointError unless every cache entry has the shape and dtype
     the model gives it, for the batch size of the state.
@@ -276,8 +297,7 @@ def check_state_shapes(cache: List[ArraysCache], model: nn.Module, source: str) 
     The expected shapes come from feeding one token to a fresh cache, so the
     check holds for every RWKV version.
     """
-    probe = model.make_cache()
-    model(mx.zeros((1, 1), dtype=mx.int32), cache=probe)
+    probe = _probe_cache(model)
     batch_size = cache[0][0].shape[0]
     for i, (layer, expected) in enumerate(zip(cache, probe)):
         for name, value, want in zip(CACHE_ENTRIES, layer.cache, expected.cache):
