@@ -871,7 +871,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         "256 tokens use 'bytes', 65536 use 'world')",
     )
 
-    parser.add_argument("--prompt", "-p", help=f"the prompt text; '-' reads it from stdin (default: {DEFAULT_PROMPT!r})")
+    parser.add_argument("--prompt", "-p", help=f"the prompt text; '-' reads it from stdin (default: {DEFAULT_PROMPT!r}). With --chat, text the model reads before the first turn")
     parser.add_argument(
         "--max-tokens", "-m", type=int, default=DEFAULT_MAX_TOKENS,
         help="maximum number of tokens to generate (per turn with --chat); 0 only processes the prompt "
@@ -961,6 +961,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--min-p must be in [0, 1], got {args.min_p}; 0 turns it off")
     if args.top_k < 0:
         parser.error(f"--top-k must be 0 or more, got {args.top_k}; 0 keeps every token")
+    if args.seed is not None and not 0 <= args.seed < 2**64:
+        parser.error(f"--seed must be in [0, 2**64), got {args.seed}")
     if args.save_state and not Path(args.save_state).resolve().parent.is_dir():
         parser.error(f"--save-state {args.save_state}: the folder does not exist; create it first")
     if args.save_state and (Path(args.save_state).is_dir() or args.save_state.endswith("/")):

@@ -18,6 +18,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .io.errors import CheckpointError
+from .io.state import STATE_FORMAT
 from .models import rwkv4, rwkv5, rwkv6, rwkv7
 
 logger = logging.getLogger(__name__)
@@ -149,10 +150,25 @@ def read_weights(path: Path) -> Tuple[Dict[str, mx.array], Dict[str, Any]]:
         weights, config = gguf.read_gguf(path)
         return weights, config
     else:
-        weights = dict(mx.load(str(path)))
-        weights = rwkv7.sanitize(weights, str(path))
+        loaded, metadata = mx.load(str(path), format="safetensors", return_metadata=True)
+        check_not_state_or_adapter(metadata, path)
+        weights = rwkv7.sanitize(dict(loaded), str(path))
 
     return weights, hf.infer_rwkv7_config(weights)
+
+
+def check_not_state_or_adapter(metadata: Dict[str, str], path: Path) -> None:
+    """Raise CheckpointError when a safetensors file given as a model is an
+    rwkv_mlx state file or adapter weights, naming where it belongs."""
+    if metadata.get("format") == STATE_FORMAT:
+        raise CheckpointError(
+            f"{path}: an rwkv_mlx state file, not a model; pass it with --load-state (load_state in Python), "
+            "together with the model that saved it"
+        )
+    if "fine_tune_type" in metadata:
+        raise CheckpointError(
+            f"{path}: adapter weights, not a model; pass their folder with --adapter-path, together with the base model"
+        )
 
 
 def check_supported_version(version: str, path: Path) -> None:

@@ -29,6 +29,7 @@ from mlx.utils import tree_flatten
 
 from .io.errors import CheckpointError
 from .tuner.adapters import (
+    ADAPTER_CONFIG_FILE,
     ADAPTER_WEIGHTS_FILE,
     DEFAULT_LORA_KEYS,
     DEFAULT_LORA_PARAMETERS,
@@ -234,10 +235,47 @@ def check_options(options: Dict[str, Any]) -> None:
                  "max_chunks", "grad_accumulation_steps", "loss_chunk_size"):
         if not isinstance(options[name], int) or options[name] < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {options[name]!r}")
+    for name in ("val_batches", "test_batches"):
+        if not isinstance(options[name], int) or (options[name] < 1 and options[name] != -1):
+            raise ValueError(
+                f"--{name.replace('_', '-')} must be a positive integer, or -1 for the whole set, got {options[name]!r}"
+            )
+    rate = options["learning_rate"]
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < math.inf:
+        raise ValueError(f"--learning-rate must be a finite number, 0 or more, got {rate!r}")
+    seed = options["seed"]
+    if not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ValueError(f"--seed must be an integer in [0, 2**32), got {seed!r}")
     if options["optimizer"] not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {options['optimizer']!r}; expected one of {', '.join(sorted(OPTIMIZERS))}")
     if options["fine_tune_type"] not in FINE_TUNE_TYPES:
         raise ValueError(f"unknown fine-tune type {options['fine_tune_type']!r}; expected one of {', '.join(FINE_TUNE_TYPES)}")
+    if options["train"]:
+        check_adapter_folder(options["adapter_path"], options["resume_adapter_file"])
+
+
+def check_adapter_folder(adapter_path: str, resume_adapter_file: Optional[str]) -> None:
+    """Raise ValueError when a training run would overwrite the adapters of
+    another run in ``adapter_path``. Continuing the run whose checkpoint
+    ``resume_adapter_file`` lies in that folder is allowed."""
+    folder = Path(adapter_path)
+    if not folder.is_dir():
+        return
+    saved = sorted(
+        path.name
+        for path in folder.iterdir()
+        if path.name in (ADAPTER_CONFIG_FILE, STATE_FILE) or path.name.endswith(ADAPTER_WEIGHTS_FILE)
+    )
+    if not saved:
+        return
+    if resume_adapter_file and Path(resume_adapter_file).resolve().parent == folder.resolve():
+        return
+    listed = ", ".join(saved[:3]) + (f" and {len(saved) - 3} more" if len(saved) > 3 else "")
+    raise ValueError(
+        f"--adapter-path {adapter_path} already contains a training run's files ({listed}), which this run would "
+        f"overwrite; choose a new --adapter-path, or continue that run with --resume-adapter-file "
+        f"{folder / ADAPTER_WEIGHTS_FILE}"
+    )
 
 
 def build_schedule(schedule: Dict[str, Any]):

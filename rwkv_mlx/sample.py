@@ -19,9 +19,10 @@ then the generated tokens) and ``logits`` is [B, vocab_size].
 """
 
 import math
-from typing import Callable, Iterable, List, Optional, Sequence
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
 Sampler = Callable[[mx.array], mx.array]
@@ -254,6 +255,24 @@ def uncounted_token_ids(tokenizer) -> List[int]:
     return sorted(found)
 
 
+def _logit_bias_items(logit_bias: dict) -> Tuple[List[int], List[float]]:
+    """Return the token ids and the finite biases of a logit_bias mapping.
+
+    Ids may be integers or strings of digits, as JSON object keys are.
+    """
+    ids, values = [], []
+    for token, value in logit_bias.items():
+        if isinstance(token, str) and token.lstrip("-").isdigit():
+            token = int(token)
+        if isinstance(token, bool) or not isinstance(token, (int, np.integer)):
+            raise ValueError(f"logit_bias keys must be integer token ids, got {token!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not math.isfinite(value):
+            raise ValueError(f"logit_bias value for token {token} must be a finite number, got {value!r}")
+        ids.append(int(token))
+        values.append(float(value))
+    return ids, values
+
+
 def make_logits_processors(
     ban_tokens: Optional[Iterable[int]] = None,
     presence_penalty: float = 0.0,
@@ -280,10 +299,10 @@ def make_logits_processors(
     """
     processors = []
     if logit_bias:
-        ids = [int(t) for t in logit_bias]
+        ids, values = _logit_bias_items(logit_bias)
         check_token_range(ids, vocab_size, "logit_bias token id")
         bias_ids = mx.array(ids)
-        bias_values = mx.array([float(v) for v in logit_bias.values()])
+        bias_values = mx.array(values)
         highest = max(ids)
 
         def add_logit_bias(tokens: mx.array, logits: mx.array) -> mx.array:

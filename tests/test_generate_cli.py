@@ -91,6 +91,8 @@ def test_ban_and_stop(model, model_dir, capsys):
         (["--temp", "-0.5"], "--temp must be a finite number, 0 or more"),
         (["--top-k", "-2"], "--top-k must be 0 or more"),
         (["--penalty-decay", "1.2"], "--penalty-decay must be in [0, 1]"),
+        (["--seed", "-1"], "--seed must be in [0, 2**64), got -1"),
+        (["--seed", str(2**64)], "--seed must be in [0, 2**64)"),
     ],
 )
 def test_invalid_flags(flags, message, capsys):

@@ -1,6 +1,7 @@
 """Samplers and logits processors: exact edge cases and RWKV penalty semantics."""
 
 import math
+import re
 
 import mlx.core as mx
 import numpy as np
@@ -136,6 +137,26 @@ def test_logit_bias_outside_vocabulary_rejected():
         make_logits_processors(logit_bias={5: 1.0, 999: 5.0}, vocab_size=256)
     with pytest.raises(ValueError, match="logit_bias token id -2"):
         make_logits_processors(logit_bias={-2: 1.0})
+
+
+@pytest.mark.parametrize(
+    "logit_bias, message",
+    [
+        ({"a": 1.0}, "logit_bias keys must be integer token ids, got 'a'"),
+        ({2.5: 1.0}, "logit_bias keys must be integer token ids, got 2.5"),
+        ({3: "x"}, "logit_bias value for token 3 must be a finite number, got 'x'"),
+        ({3: float("nan")}, "logit_bias value for token 3 must be a finite number, got nan"),
+    ],
+)
+def test_logit_bias_invalid_items_named(logit_bias, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        make_logits_processors(logit_bias=logit_bias, vocab_size=256)
+
+
+def test_logit_bias_string_ids_accepted():
+    (bias,) = make_logits_processors(logit_bias={"7": 2.0}, vocab_size=256)
+
+    assert bias(mx.zeros((1, 0), dtype=mx.int32), mx.zeros((1, 256)))[0, 7].item() == 2.0
 
 
 def test_logit_bias_without_vocab_size_checked_against_logits():

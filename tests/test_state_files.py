@@ -85,8 +85,9 @@ def test_other_model_rejected(model, tmp_path):
     save_state(path, state_after(model, b"abc"), model)
     other = random_model(seed=6)
 
-    with pytest.raises(CheckpointError, match="different model"):
+    with pytest.raises(CheckpointError, match="different model") as raised:
         load_state(path, other)
+    assert "other adapters (--adapter-path changes the weights too)" in str(raised.value)
 
 
 def test_other_dtype_named_in_rejection(model, tmp_path):
@@ -113,8 +114,9 @@ def test_other_shape_rejected(model, tmp_path):
     save_state(path, state_after(model, b"abc"), model)
     wider = random_model({**TINY_CONFIG, "num_hidden_layers": 3})
 
-    with pytest.raises(CheckpointError, match="num_layers"):
+    with pytest.raises(CheckpointError, match="model of another shape") as raised:
         load_state(path, wider)
+    assert "num_layers 2 in the state and 3 in this model" in str(raised.value)
 
 
 def test_wrong_tensor_shape_rejected(model, tmp_path):
@@ -206,3 +208,23 @@ def test_tokenizer_identity(tmp_path):
     assert tokenizer_identity(None) == ""
     assert tokenizer_identity(str(tmp_path)).startswith("sha256:")
     assert tokenizer_identity(str(tmp_path)) == tokenizer_identity(str(tmp_path / "tokenizer.json"))
+
+
+def test_state_file_given_as_model_named(model, tmp_path):
+    from rwkv_mlx.loading import load_model
+
+    path = tmp_path / "s.safetensors"
+    save_state(path, state_after(model, b"abc"), model)
+
+    with pytest.raises(CheckpointError, match="an rwkv_mlx state file, not a model; pass it with --load-state"):
+        load_model(str(path))
+
+
+def test_adapter_file_given_as_model_named(tmp_path):
+    from rwkv_mlx.loading import load_model
+
+    path = tmp_path / "adapters.safetensors"
+    mx.save_safetensors(str(path), {"layers.0.attn.r_proj.lora_a": mx.zeros((4, 2))}, metadata={"fine_tune_type": "lora"})
+
+    with pytest.raises(CheckpointError, match="adapter weights, not a model; pass their folder with --adapter-path"):
+        load_model(str(path))

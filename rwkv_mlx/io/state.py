@@ -198,13 +198,16 @@ def read_state(path) -> Tuple[Dict[str, mx.array], Dict[str, str]]:
         arrays, metadata = mx.load(str(path), format="safetensors", return_metadata=True)
     except (RuntimeError, ValueError, OSError) as error:
         raise CheckpointError(
-            f"{path}: not a readable state file ({error}); it may be truncated or in another format"
+            f"{path}: not a readable state file ({error}); it may be truncated or in another format. "
+            "Save the state again with generate --save-state"
         ) from error
 
     found = metadata.get("format")
     if found != STATE_FORMAT:
         raise CheckpointError(
-            f"{path}: not an rwkv_mlx state file (metadata 'format' is {found!r}, expected {STATE_FORMAT!r})"
+            f"{path}: not an rwkv_mlx state file (metadata 'format' is {found!r}, expected {STATE_FORMAT!r}). "
+            "An mlx-lm prompt cache continues in Python, through load_prompt_cache and prompt_cache= "
+            "(docs/mlx_lm.md)"
         )
     version = metadata.get("format_version")
     if version != STATE_FORMAT_VERSION:
@@ -241,15 +244,25 @@ def load_state(
             f"{path}: the state is from an RWKV-{metadata.get('rwkv_version')} model, "
             f"but the model is RWKV-{version}"
         )
+    shape = model_shape(model)
+    differences = [
+        f"{key} {metadata.get(key)} in the state and {value} in this model"
+        for key, value in shape.items()
+        if metadata.get(key) != value
+    ]
+    if differences:
+        raise CheckpointError(
+            f"{path}: the state was saved from a model of another shape ({', '.join(differences)}); "
+            "load it with the model that saved it"
+        )
     fingerprint = model_fingerprint(model)
     if metadata.get("model_fingerprint") != fingerprint:
-        saved_shape = {key: metadata.get(key) for key in model_shape(model)}
         raise CheckpointError(
             f"{path}: the state was saved from a different model (fingerprint "
-            f"{metadata.get('model_fingerprint')}, shape {saved_shape}); this model's fingerprint is "
-            f"{fingerprint}, shape {model_shape(model)}. The weights differ: another checkpoint, or the same "
-            f"one in another dtype or quantization.{_dtype_difference(arrays, model)} Load the state with the "
-            "model that saved it, in the same dtype and quantization"
+            f"{metadata.get('model_fingerprint')}); this model's fingerprint is {fingerprint}, with the same "
+            "shape. The weights differ: another checkpoint, the same one in another dtype or quantization, or "
+            f"other adapters (--adapter-path changes the weights too).{_dtype_difference(arrays, model)} Load "
+            "the state with the model that saved it, in the same dtype and quantization and with the same adapters"
         )
     saved_tokenizer = metadata.get("tokenizer", "")
     if tokenizer and saved_tokenizer and saved_tokenizer != tokenizer:

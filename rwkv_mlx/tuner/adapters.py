@@ -382,6 +382,10 @@ def read_adapter_config(adapter_path: Path) -> Dict[str, Any]:
         dict: The config, with ``fine_tune_type`` always present.
     """
     adapter_path = Path(adapter_path)
+    if adapter_path.is_file():
+        raise AdapterError(
+            f"{adapter_path}: a file, not an adapter folder; pass the folder that contains {ADAPTER_CONFIG_FILE}"
+        )
     if not adapter_path.is_dir():
         raise AdapterError(f"{adapter_path}: adapter folder not found")
     config_file = adapter_path / ADAPTER_CONFIG_FILE
@@ -410,6 +414,8 @@ def read_adapter_config(adapter_path: Path) -> Dict[str, Any]:
 def read_adapter_weights(path: Path) -> Tuple[Dict[str, mx.array], Dict[str, str]]:
     """Read an adapter safetensors file and its metadata."""
     path = Path(path)
+    if path.is_dir():
+        raise AdapterError(f"{path}: a folder; name the adapter weights file in it, such as {path / ADAPTER_WEIGHTS_FILE}")
     if not path.is_file():
         raise AdapterError(f"{path}: adapter weights not found")
     try:

@@ -727,7 +727,7 @@ class _TrainingRun:
         self.history.last_saved_iteration = iteration
         text = json.dumps(self.history.to_dict())
         write_atomically(folder / "loss_history.json", lambda f: f.write(text.encode()))
-        self.progress.write(f"Iter {iteration}: saved the trained tensors to {self.adapter_file} and {checkpoint.name}")
+        self.progress.write(f"Iter {iteration}: saved the trained tensors to {self.adapter_file} and {checkpoint}")
 
     def interrupted(self, iteration: int) -> TrainingInterrupted:
         """Log and return the interruption at ``iteration``, naming the last saved files."""

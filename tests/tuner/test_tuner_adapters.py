@@ -267,6 +267,20 @@ def test_missing_adapter_folder(tmp_path):
         load_adapters(tiny_model(), tmp_path / "nowhere")
 
 
+def test_adapter_path_that_is_a_file(tmp_path):
+    (tmp_path / "adapters.safetensors").write_bytes(b"")
+
+    with pytest.raises(AdapterError, match="a file, not an adapter folder; pass the folder that contains adapter_config.json"):
+        load_adapters(tiny_model(), tmp_path / "adapters.safetensors")
+
+
+def test_adapter_weights_path_that_is_a_folder(tmp_path):
+    from rwkv_mlx.tuner.adapters import read_adapter_weights
+
+    with pytest.raises(AdapterError, match="a folder; name the adapter weights file in it, such as .*adapters.safetensors"):
+        read_adapter_weights(tmp_path)
+
+
 def test_invalid_adapter_config(tmp_path):
     (tmp_path / "adapter_config.json").write_text("{not json")
 

@@ -104,6 +104,24 @@ def test_yaml_config(tmp_path, model_dir, data_dir):
     assert any(name.endswith(".m") for name in mx.load(str(adapters / "adapters.safetensors")))
 
 
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--seed", "-1"], "--seed must be an integer in [0, 2**32), got -1"),
+        (["--learning-rate", "nan"], "--learning-rate must be a finite number, 0 or more, got nan"),
+        (["--learning-rate=-1e-3"], "--learning-rate must be a finite number, 0 or more, got -0.001"),
+        (["--val-batches", "0"], "--val-batches must be a positive integer, or -1 for the whole set, got 0"),
+        (["--test-batches", "-2"], "--test-batches must be a positive integer, or -1 for the whole set, got -2"),
+    ],
+)
+def test_invalid_options(tmp_path, model_dir, data_dir, capsys, flags, message):
+    status = lora_cli.main(train_argv(model_dir, data_dir, tmp_path / "adapters", *flags))
+
+    assert status == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "adapters").exists()
+
+
 def test_unknown_yaml_option(tmp_path, model_dir, data_dir, capsys):
     config_file = tmp_path / "config.yaml"
     config_file.write_text("learning_rte: 0.1\n")
@@ -339,12 +357,52 @@ def test_failed_run_leaves_adapter_folder(tmp_path, model_dir, data_dir, capsys)
     failing_data(data_dir)
     capsys.readouterr()
 
-    status = lora_cli.main(train_argv(model_dir, data_dir, adapters, "--fine-tune-type", "state", "--tokenizer", "world"))
+    resume = ["--resume-adapter-file", str(adapters / "adapters.safetensors"), "--iters", "12"]
+    status = lora_cli.main(train_argv(model_dir, data_dir, adapters, *resume, "--tokenizer", "world"))
 
     assert status == 1
     assert "outside the model's vocabulary" in capsys.readouterr().err
     assert {path.name: path.read_bytes() for path in adapters.iterdir()} == before
     load_adapters(load_model(str(model_dir))[0], adapters)
+
+
+@pytest.mark.parametrize("fine_tune_type", ["lora", "state"])
+def test_new_run_rejects_folder_of_another_run(tmp_path, model_dir, data_dir, capsys, fine_tune_type):
+    adapters = tmp_path / "adapters"
+    assert lora_cli.main(train_argv(model_dir, data_dir, adapters)) == 0
+    before = {path.name: path.read_bytes() for path in adapters.iterdir()}
+    capsys.readouterr()
+
+    status = lora_cli.main(train_argv(model_dir, data_dir, adapters, "--fine-tune-type", fine_tune_type))
+
+    err = capsys.readouterr().err
+    assert status == 1
+    assert "already contains a training run's files (0000003_adapters.safetensors, 0000006_adapters.safetensors, " in err
+    assert f"--resume-adapter-file {adapters / 'adapters.safetensors'}" in err
+    assert {path.name: path.read_bytes() for path in adapters.iterdir()} == before
+
+
+def test_resume_from_another_folder_rejects_used_folder(tmp_path, model_dir, data_dir, capsys):
+    first, second = tmp_path / "first", tmp_path / "second"
+    for folder in (first, second):
+        assert lora_cli.main(train_argv(model_dir, data_dir, folder)) == 0
+    capsys.readouterr()
+
+    resume = ["--resume-adapter-file", str(first / "adapters.safetensors"), "--iters", "9"]
+    status = lora_cli.main(train_argv(model_dir, data_dir, second, *resume))
+
+    assert status == 1
+    assert "already contains a training run's files" in capsys.readouterr().err
+
+
+def test_new_run_into_empty_folder(tmp_path, model_dir, data_dir):
+    adapters = tmp_path / "adapters"
+    adapters.mkdir()
+    (adapters / "notes.txt").write_text("kept")
+
+    assert lora_cli.main(train_argv(model_dir, data_dir, adapters)) == 0
+    assert (adapters / "notes.txt").read_text() == "kept"
+    assert (adapters / "adapters.safetensors").is_file()
 
 
 def test_failed_run_creates_no_folder(tmp_path, model_dir, data_dir):
