@@ -150,7 +150,12 @@ def read_weights(path: Path) -> Tuple[Dict[str, mx.array], Dict[str, Any]]:
         weights, config = gguf.read_gguf(path)
         return weights, config
     else:
-        loaded, metadata = mx.load(str(path), format="safetensors", return_metadata=True)
+        try:
+            loaded, metadata = mx.load(str(path), format="safetensors", return_metadata=True)
+        except (RuntimeError, ValueError, OSError) as error:
+            raise CheckpointError(
+                f"{path}: not a readable safetensors file ({error}); it may be truncated, so download or convert it again"
+            ) from error
         check_not_state_or_adapter(metadata, path)
         weights = rwkv7.sanitize(dict(loaded), str(path))
 

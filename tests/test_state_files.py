@@ -4,6 +4,7 @@ import os
 
 import mlx.core as mx
 import pytest
+from mlx.utils import tree_flatten
 
 from random_models import TINY_CONFIG, random_model
 from rwkv_mlx.generate import generate_step
@@ -227,4 +228,15 @@ def test_adapter_file_given_as_model_named(tmp_path):
     mx.save_safetensors(str(path), {"layers.0.attn.r_proj.lora_a": mx.zeros((4, 2))}, metadata={"fine_tune_type": "lora"})
 
     with pytest.raises(CheckpointError, match="adapter weights, not a model; pass their folder with --adapter-path"):
+        load_model(str(path))
+
+
+def test_truncated_safetensors_model_named(model, tmp_path):
+    from rwkv_mlx.loading import load_model
+
+    path = tmp_path / "model.safetensors"
+    mx.save_safetensors(str(path), dict(tree_flatten(model.parameters())))
+    path.write_bytes(path.read_bytes()[:-100])
+
+    with pytest.raises(CheckpointError, match="not a readable safetensors file .*it may be truncated"):
         load_model(str(path))
