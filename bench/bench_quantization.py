@@ -9,9 +9,10 @@ The table gives perplexity per byte and the mean KL divergence of the
 quantized model's next-token distribution from the float32 one.
 
 Models: the bundled default model, and rwkv.cpp's tiny RWKV-7 when
-``../shared/fixtures/rwkv-cpp-tiny/`` is present. The text defaults to the
-last 16 KB of the bundled model's validation part of the Austen novels when
-the Debian package is installed, else to ``rwkv_mlx/default_model/sample.txt``.
+``../shared/fixtures/rwkv-cpp-tiny/`` is present beside the repository. Both
+are byte-level, and the text is fed to them as bytes: the last
+``--max-bytes`` bytes of ``--text``, by default of
+``tests/tokenizer/corpus/english.txt``.
 """
 
 import argparse
@@ -63,8 +64,12 @@ def main():
     parser.add_argument("--max-bytes", type=int, default=16384, help="Bytes of the text to use (default: 16384).")
     parser.add_argument("--json", type=Path, help="Also write the results to this JSON file.")
     args = parser.parse_args()
-
+    if args.max_bytes < 2:
+        parser.error(f"--max-bytes must be at least 2, got {args.max_bytes}")
     text_path = args.text or REPO / "tests" / "tokenizer" / "corpus" / "english.txt"
+    if not text_path.is_file():
+        parser.error(f"--text {text_path}: file not found")
+
     data = text_path.read_bytes()[-args.max_bytes :]
     tokens = np.frombuffer(data, dtype=np.uint8).astype(np.int64)
     print(f"text: {text_path} ({len(tokens)} bytes)")
@@ -73,6 +78,8 @@ def main():
     rows = measure(str(DEFAULT_MODEL), tokens)
     if TINY_V7.exists():
         rows += measure(str(TINY_V7), tokens)
+    else:
+        print(f"rwkv.cpp's tiny RWKV-7 is not measured: {TINY_V7} not found")
     if args.json:
         args.json.write_text(json.dumps({"text": str(text_path), "bytes": len(tokens), "results": rows}, indent=2))
 

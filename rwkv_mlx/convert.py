@@ -18,11 +18,12 @@ import logging
 from pathlib import Path
 from typing import Optional
 
+import mlx.nn as nn
 from mlx_lm.utils import dequantize_model, quantize_model
 
 from ._files import check_new_directory, write_atomically
 from .io.errors import CheckpointError
-from .loading import WEIGHT_DTYPES, default_tokenizer_name, load_model, save_model
+from .loading import WEIGHT_DTYPES, check_tokenizer_size, default_tokenizer_name, load_model, save_model
 
 logger = logging.getLogger(__name__)
 
@@ -99,12 +100,21 @@ def convert(
 
     loaded, config, path = load_model(model, dtype=dtype)
     config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")} if dequantize else config
-    text_tokenizer = load_tokenizer(tokenizer or default_tokenizer_name(path, config))
+    model_type = config.get("model_type", "rwkv7")
+    if mlx_lm_model_file and model_type != "rwkv7":
+        raise ValueError(
+            f"--mlx-lm-model-file is for RWKV-7 models only, and {model} is {model_type}: mlx-lm has no model "
+            "of that version, so its directory runs in rwkv_mlx only; convert without --mlx-lm-model-file"
+        )
+    tokenizer_name = tokenizer or default_tokenizer_name(path, config)
+    text_tokenizer = load_tokenizer(tokenizer_name)
+    check_tokenizer_size(text_tokenizer, tokenizer_name, config["vocab_size"])
 
     if quantize:
         if "quantization" in config:
             raise ValueError(f"{model} is already quantized; convert it with --dequantize first")
         loaded, config = quantize_model(loaded, config, q_group_size, q_bits)
+        log_unquantized_layers(loaded, q_group_size)
     elif dequantize:
         loaded = dequantize_model(loaded)
 
@@ -116,6 +126,25 @@ def convert(
 
     save_model(target, loaded, config, text_tokenizer)
     return target
+
+
+def log_unquantized_layers(model: nn.Module, group_size: int) -> None:
+    """Warn about the layers that quantization left at full precision because
+    their input width is not a multiple of ``group_size`` (the low-rank
+    matrices stay at full precision by design and are not listed)."""
+    skipped = [
+        path
+        for path, module in model.named_modules()
+        if isinstance(module, (nn.Linear, nn.Embedding)) and ".lora." not in path and module.weight.shape[-1] % group_size
+    ]
+    if skipped:
+        logger.warning(
+            "%d layers stay at full precision because their input width is not a multiple of --q-group-size %d "
+            "(for example %s); a smaller --q-group-size quantizes them",
+            len(skipped),
+            group_size,
+            ", ".join(sorted(skipped)[:3]),
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,9 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--mlx-path", default="mlx_model", help="The directory to write (default: mlx_model).")
     parser.add_argument("-q", "--quantize", action="store_true", help="Quantize the weights.")
-    parser.add_argument("--q-bits", type=int, default=4, help="Bits per weight when quantizing, 4 or 8 (default: 4).")
+    parser.add_argument("--q-bits", type=int, help="Bits per weight when quantizing, 4 or 8 (default: 4).")
     parser.add_argument(
-        "--q-group-size", type=int, default=64, help="Weights per quantization group: 32, 64 or 128 (default: 64)."
+        "--q-group-size", type=int, help="Weights per quantization group: 32, 64 or 128 (default: 64)."
     )
     parser.add_argument("--dtype", choices=sorted(WEIGHT_DTYPES), help="Cast floating-point weights to this type.")
     parser.add_argument("-d", "--dequantize", action="store_true", help="Write a quantized model at full precision.")
@@ -155,13 +184,16 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
+    for flag, value in (("--q-bits", args.q_bits), ("--q-group-size", args.q_group_size)):
+        if value is not None and not args.quantize:
+            parser.error(f"{flag} applies only when quantizing; add -q")
     try:
         target = convert(
             args.model,
             args.mlx_path,
             quantize=args.quantize,
-            q_bits=args.q_bits,
-            q_group_size=args.q_group_size,
+            q_bits=4 if args.q_bits is None else args.q_bits,
+            q_group_size=64 if args.q_group_size is None else args.q_group_size,
             dtype=args.dtype,
             dequantize=args.dequantize,
             tokenizer=args.tokenizer,

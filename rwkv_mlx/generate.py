@@ -919,7 +919,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, help="random seed for sampling")
     parser.add_argument(
         "--save-state", metavar="FILE",
-        help="write the state after the prompt and the generated tokens to FILE (after every turn with --chat)",
+        help="write the state after the prompt and the generated tokens to FILE (after every turn with --chat); "
+        "an existing FILE is replaced, in one step, so it can be the --load-state file",
     )  # fmt: skip
     parser.add_argument(
         "--load-state", metavar="FILE",
@@ -1031,7 +1032,7 @@ def load_for_cli(args: argparse.Namespace):
     Returns:
         tuple: The model, the tokenizer and ``tokenizer_identity`` of it.
     """
-    from .loading import default_tokenizer_name, load_model
+    from .loading import check_tokenizer_size, default_tokenizer_name, load_model
     from .tokenizer import load_tokenizer
 
     model, config, path = load_model(resolve_model_source(args.model))
@@ -1041,12 +1042,7 @@ def load_for_cli(args: argparse.Namespace):
         model = load_adapters(model, args.adapter_path)
     tokenizer_name = args.tokenizer or default_tokenizer_name(path, config)
     tokenizer = load_tokenizer(tokenizer_name)
-    tokenizer_vocab = getattr(tokenizer, "vocab_size", None)
-    if tokenizer_vocab is not None and tokenizer_vocab > vocab_size_of(model):
-        raise ValueError(
-            f"tokenizer {tokenizer_name!r} has {tokenizer_vocab} tokens but the model's vocabulary has only "
-            f"{vocab_size_of(model)}; pass the model's tokenizer with --tokenizer"
-        )
+    check_tokenizer_size(tokenizer, tokenizer_name, vocab_size_of(model))
     return model, tokenizer, tokenizer_identity(tokenizer_name)
 
 

@@ -304,6 +304,25 @@ def default_tokenizer_name(path: Path, config: Dict[str, Any]) -> str:
     )
 
 
+def check_tokenizer_size(tokenizer, tokenizer_name: str, vocab_size: int) -> None:
+    """Raise ValueError when ``tokenizer`` makes ids at or above the model's ``vocab_size``.
+
+    Args:
+        tokenizer: A tokenizer from ``rwkv_mlx.tokenizer.load_tokenizer``.
+        tokenizer_name (str): How the tokenizer was named: ``"world"``,
+            ``"bytes"``, a tokenizer.json file or a folder that contains one.
+        vocab_size (int): The number of token ids the model accepts.
+    """
+    size = getattr(tokenizer, "vocab_size", None)
+    if size is None or size <= vocab_size:
+        return
+    named = f"the tokenizer in {tokenizer_name}" if Path(tokenizer_name).is_dir() else f"tokenizer {tokenizer_name!r}"
+    raise ValueError(
+        f"{named} has {size} tokens but the model's vocabulary has only {vocab_size}; "
+        "pass the model's tokenizer with --tokenizer"
+    )
+
+
 def load(
     path_or_repo: str,
     tokenizer: Optional[str] = None,

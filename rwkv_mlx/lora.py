@@ -246,12 +246,27 @@ def check_options(options: Dict[str, Any]) -> None:
     seed = options["seed"]
     if not isinstance(seed, int) or not 0 <= seed < 2**32:
         raise ValueError(f"--seed must be an integer in [0, 2**32), got {seed!r}")
+    num_layers = options["num_layers"]
+    if not isinstance(num_layers, int) or (num_layers < 1 and num_layers != -1):
+        raise ValueError(f"--num-layers must be a positive integer, or -1 for every layer, got {num_layers!r}")
+    check_lora_parameters(options["lora_parameters"])
     if options["optimizer"] not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {options['optimizer']!r}; expected one of {', '.join(sorted(OPTIMIZERS))}")
     if options["fine_tune_type"] not in FINE_TUNE_TYPES:
         raise ValueError(f"unknown fine-tune type {options['fine_tune_type']!r}; expected one of {', '.join(FINE_TUNE_TYPES)}")
     if options["train"]:
         check_adapter_folder(options["adapter_path"], options["resume_adapter_file"])
+
+
+def check_lora_parameters(parameters: Dict[str, Any]) -> None:
+    """Raise ValueError for a LoRA rank, scale or dropout out of range, naming its flag."""
+    rank, scale, dropout = parameters.get("rank"), parameters.get("scale"), parameters.get("dropout")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"--lora-rank (lora_parameters.rank) must be a positive integer, got {rank!r}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"--lora-scale (lora_parameters.scale) must be a finite number, got {scale!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ValueError(f"--lora-dropout (lora_parameters.dropout) must be in [0, 1), got {dropout!r}")
 
 
 def check_adapter_folder(adapter_path: str, resume_adapter_file: Optional[str]) -> None:

@@ -1,6 +1,7 @@
 """``python -m rwkv_mlx.convert``: round trips, quantization and bad arguments."""
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -134,6 +135,35 @@ def test_invalid_bits_rejected(tmp_path):
 def test_invalid_group_size_rejected(tmp_path, group_size):
     with pytest.raises(ValueError, match=f"--q-group-size must be one of 32, 64, 128, got {group_size}"):
         convert(str(PTH), str(tmp_path / "out"), quantize=True, q_group_size=group_size)
+    assert not (tmp_path / "out").exists()
+
+
+def test_layers_left_unquantized_logged(tmp_path, caplog):
+    from random_models import TINY_CONFIG, random_model
+    from rwkv_mlx.loading import save_model
+
+    save_model(tmp_path / "narrow", random_model(), TINY_CONFIG)  # 64 wide
+    with caplog.at_level(logging.WARNING, logger="rwkv_mlx.convert"):
+        convert(str(tmp_path / "narrow"), str(tmp_path / "out"), quantize=True, q_group_size=128)
+
+    assert "stay at full precision because their input width is not a multiple of --q-group-size 128" in caplog.text
+
+
+@pytest.mark.parametrize("flag", ["--q-bits", "--q-group-size"])
+def test_quantization_flag_without_quantize_rejected(tmp_path, flag, capsys):
+    from rwkv_mlx.convert import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(PTH), "--mlx-path", str(tmp_path / "out"), flag, "8"])
+
+    assert exit_info.value.code == 2
+    assert f"{flag} applies only when quantizing; add -q" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_larger_tokenizer_rejected(tmp_path):
+    with pytest.raises(ValueError, match="tokenizer 'world' has 65536 tokens but the model's vocabulary has only 256"):
+        convert(str(PTH), str(tmp_path / "out"), tokenizer="world")
     assert not (tmp_path / "out").exists()
 
 

@@ -328,6 +328,14 @@ def test_bfloat16_tracks_float32(version):
 # ---------------------------------------------------------------- loading and saving
 
 
+def test_convert_rejects_mlx_lm_model_file(tmp_path):
+    from rwkv_mlx.convert import convert
+
+    with pytest.raises(ValueError, match="--mlx-lm-model-file is for RWKV-7 models only, and .* is rwkv4"):
+        convert(str(fixture_path("rwkv4", ".pth")), str(tmp_path / "out"), mlx_lm_model_file=True)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("name", list(PARITY_CASES))
 def test_saved_directory_loads_back(tmp_path, name):
     model, config, _ = load_model(str(fixture_path(name, ".pth")), dtype=mx.float32)

@@ -417,7 +417,10 @@ def read_adapter_weights(path: Path) -> Tuple[Dict[str, mx.array], Dict[str, str
     if path.is_dir():
         raise AdapterError(f"{path}: a folder; name the adapter weights file in it, such as {path / ADAPTER_WEIGHTS_FILE}")
     if not path.is_file():
-        raise AdapterError(f"{path}: adapter weights not found")
+        raise AdapterError(
+            f"{path}: adapter weights not found; name {ADAPTER_WEIGHTS_FILE} or a checkpoint such as "
+            f"0000100_{ADAPTER_WEIGHTS_FILE} in a training run's --adapter-path folder"
+        )
     try:
         weights, metadata = mx.load(str(path), format="safetensors", return_metadata=True)
     except (RuntimeError, ValueError, OSError) as error:

@@ -121,6 +121,11 @@ class TrainingHistory:
         return {"train": self.train, "valid": self.valid, "last_saved_iteration": self.last_saved_iteration}
 
 
+def _records(count: int) -> str:
+    """Return "1 record" or "N records"."""
+    return f"{count} record" if count == 1 else f"{count} records"
+
+
 def earlier_history(path: Path, start_iteration: int) -> TrainingHistory:
     """Return the losses that ``path`` (a ``loss_history.json``) recorded
     before ``start_iteration``, so a resumed run keeps them.
@@ -191,7 +196,7 @@ def iterate_batches(
     """
     if len(dataset) < batch_size:
         raise ValueError(
-            f"the data has {len(dataset)} records, fewer than the batch size {batch_size}; "
+            f"the data has {_records(len(dataset))}, fewer than the batch size {batch_size}; "
             "lower the batch size or add records"
         )
     order = sorted(range(len(dataset)), key=lambda i: len(dataset[i]))
@@ -533,7 +538,12 @@ def resume_from(adapter_file, model: nn.Module, optimizer: Optional[optim.Optimi
             if set(state) != set(current) or any(state[k].shape != current[k].shape for k in state):
                 logger.warning("%s does not match this optimizer; the optimizer starts afresh", optimizer_file)
             else:
+                # The run's own learning rate wins over the saved one, so a
+                # resumed run can lower it. A schedule sets it again from the
+                # restored step.
                 optimizer.state = tree_unflatten(list(state.items()))
+                if "learning_rate" in current:
+                    optimizer.state["learning_rate"] = current["learning_rate"]
     logger.info("resuming from %s at iteration %d", adapter_file, iteration + 1)
     return iteration + 1
 
@@ -760,7 +770,7 @@ def _check_training_inputs(model: nn.Module, train_examples, valid_examples, arg
         raise ValueError(f"{untrained[0]}: no token of the example counts in the loss; check its loss_mask")
     if len(train_examples) < args.batch_size:
         raise ValueError(
-            f"the training data has {len(train_examples)} records, fewer than the batch size {args.batch_size}; "
+            f"the training data has {_records(len(train_examples))}, fewer than the batch size {args.batch_size}; "
             "lower the batch size or add records"
         )
     if args.grad_accumulation_steps < 1:

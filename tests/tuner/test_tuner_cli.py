@@ -108,6 +108,10 @@ def test_yaml_config(tmp_path, model_dir, data_dir):
     "flags, message",
     [
         (["--seed", "-1"], "--seed must be an integer in [0, 2**32), got -1"),
+        (["--lora-rank", "0"], "--lora-rank (lora_parameters.rank) must be a positive integer, got 0"),
+        (["--lora-scale", "nan"], "--lora-scale (lora_parameters.scale) must be a finite number, got nan"),
+        (["--lora-dropout", "1.5"], "--lora-dropout (lora_parameters.dropout) must be in [0, 1), got 1.5"),
+        (["--num-layers", "0"], "--num-layers must be a positive integer, or -1 for every layer, got 0"),
         (["--learning-rate", "nan"], "--learning-rate must be a finite number, 0 or more, got nan"),
         (["--learning-rate=-1e-3"], "--learning-rate must be a finite number, 0 or more, got -0.001"),
         (["--val-batches", "0"], "--val-batches must be a positive integer, or -1 for the whole set, got 0"),

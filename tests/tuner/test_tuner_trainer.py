@@ -79,7 +79,7 @@ def test_batch_order_is_seeded_and_skippable():
 
 
 def test_too_few_records_rejected():
-    with pytest.raises(ValueError, match="the data has 1 records, fewer than the batch size 2"):
+    with pytest.raises(ValueError, match="the data has 1 record, fewer than the batch size 2"):
         next(iterate_batches([make_example([1, 2])], 2))
 
 
@@ -172,6 +172,20 @@ def test_resume_continues_like_one_run(tmp_path):
     assert start == 4
     for (name, a), (_, b) in zip(tree_flatten(straight.trainable_parameters()), tree_flatten(resumed.trainable_parameters())):
         assert mx.abs(a - b).max().item() <= 1e-6, name
+
+
+@pytest.mark.parametrize("rate", [1e-2, 1e-4])
+def test_resume_keeps_given_learning_rate(tmp_path, rate):
+    data = pattern_examples(6)
+    first = prepare_for_training(tiny_model(), "lora")
+    train(first, data, None, quick_args(tmp_path, iters=2, steps_per_save=2), optimizer=optim.Adam(learning_rate=1e-2))
+
+    resumed = prepare_for_training(tiny_model(), "lora")
+    optimizer = optim.Adam(learning_rate=rate)
+    resume_from(tmp_path / "adapters.safetensors", resumed, optimizer)
+
+    assert optimizer.state["step"].item() == 2
+    assert optimizer.learning_rate.item() == pytest.approx(rate)
 
 
 def test_resume_in_same_folder_keeps_loss_history(tmp_path):
@@ -406,7 +420,7 @@ def test_start_after_last_iteration_rejected(tmp_path):
 def test_too_few_records_rejected_before_writing(tmp_path):
     model = prepare_for_training(tiny_model(), "lora")
 
-    with pytest.raises(ValueError, match="the training data has 1 records, fewer than the batch size 2"):
+    with pytest.raises(ValueError, match="the training data has 1 record, fewer than the batch size 2"):
         train(model, pattern_examples(1), None, quick_args(tmp_path / "adapters"), adapter_config={"fine_tune_type": "lora"})
 
     assert not (tmp_path / "adapters").exists()
