@@ -29,7 +29,6 @@ from mlx.utils import tree_flatten
 
 from .io.errors import CheckpointError
 from .tuner.adapters import (
-    ADAPTER_CONFIG_FILE,
     ADAPTER_WEIGHTS_FILE,
     DEFAULT_LORA_KEYS,
     DEFAULT_LORA_PARAMETERS,
@@ -39,6 +38,7 @@ from .tuner.adapters import (
     base_fingerprint,
     load_adapters,
     prepare_for_training,
+    run_files,
 )
 from .tuner.datasets import DatasetError, Features, load_datasets
 from .tuner.losses import DEFAULT_LOSS_CHUNK_SIZE
@@ -274,13 +274,7 @@ def check_adapter_folder(adapter_path: str, resume_adapter_file: Optional[str]) 
     another run in ``adapter_path``. Continuing the run whose checkpoint
     ``resume_adapter_file`` lies in that folder is allowed."""
     folder = Path(adapter_path)
-    if not folder.is_dir():
-        return
-    saved = sorted(
-        path.name
-        for path in folder.iterdir()
-        if path.name in (ADAPTER_CONFIG_FILE, STATE_FILE) or path.name.endswith(ADAPTER_WEIGHTS_FILE)
-    )
+    saved = run_files(folder)
     if not saved:
         return
     if resume_adapter_file and Path(resume_adapter_file).resolve().parent == folder.resolve():

@@ -88,6 +88,27 @@ class AdapterError(ValueError):
     message names the file and the tensor or field."""
 
 
+def run_files(folder: Path, weights_name: str = ADAPTER_WEIGHTS_FILE) -> List[str]:
+    """Return the names of a training run's files in ``folder``, sorted.
+
+    Args:
+        folder (Path): The folder; it may not exist.
+        weights_name (str): The name of the run's adapter weights file; its
+            checkpoints end with it.
+
+    Returns:
+        list[str]: The adapter config, the tuned state, the weights and their
+        checkpoints found there.
+    """
+    if not Path(folder).is_dir():
+        return []
+    return sorted(
+        path.name
+        for path in Path(folder).iterdir()
+        if path.name in (ADAPTER_CONFIG_FILE, STATE_FILE) or path.name.endswith(weights_name)
+    )
+
+
 def _has_adapter_layers(model: nn.Module) -> bool:
     """Return whether any layer of ``model`` is a LoRA or DoRA layer."""
     return any(isinstance(m, (LoRALinear, DoRALinear)) for _, m in model.named_modules())
@@ -643,6 +664,7 @@ __all__ = [
     "load_tuned_cache",
     "model_identity",
     "prepare_for_training",
+    "run_files",
     "save_adapter_config",
     "save_adapter_weights",
     "save_tuned_state",

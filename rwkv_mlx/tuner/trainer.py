@@ -28,6 +28,7 @@ from mlx_lm.models.cache import ArraysCache
 
 from ..models import rwkv7
 from .adapters import (
+    ADAPTER_WEIGHTS_FILE,
     STATE_FILE,
     AdapterError,
     cast_to_parameters,
@@ -35,6 +36,7 @@ from .adapters import (
     model_identity,
     prepared_adapter_config,
     read_adapter_weights,
+    run_files,
     save_adapter_config,
     save_adapter_weights,
     save_safetensors,
@@ -194,6 +196,8 @@ def iterate_batches(
     Yields:
         Batch: The padded batch.
     """
+    if batch_size < 1:
+        raise ValueError(f"the batch size must be at least 1, got {batch_size}")
     if len(dataset) < batch_size:
         raise ValueError(
             f"the data has {_records(len(dataset))}, fewer than the batch size {batch_size}; "
@@ -437,6 +441,10 @@ def evaluate(
         float: The mean loss (natural log), so ``exp`` of it is the perplexity.
     """
     examples = [as_example(item, i) for i, item in enumerate(dataset)]
+    if not examples:
+        raise ValueError("the evaluation data has no records; pass at least one example")
+    if batch_size < 1:
+        raise ValueError(f"the batch size must be at least 1, got {batch_size}")
     check_vocabulary(model, examples)
     model.eval()
     args = TrainingArgs(max_seq_length=max_seq_length, loss_chunk_size=loss_chunk_size)
@@ -761,6 +769,23 @@ def _all_finite(tree) -> bool:
     return not flags or bool(mx.stack(flags).all().item())
 
 
+def _check_adapter_file(adapter_file: Path, start_iteration: int) -> None:
+    """Raise ValueError when ``adapter_file`` is a folder, or when a run that
+    starts at iteration 1 would overwrite another run's files beside it."""
+    if adapter_file.is_dir():
+        raise ValueError(
+            f"adapter_file {adapter_file} is a folder; name the weights file, such as {adapter_file / ADAPTER_WEIGHTS_FILE}"
+        )
+    if start_iteration != 1:
+        return
+    files = run_files(adapter_file.parent, adapter_file.name)
+    if files:
+        raise ValueError(
+            f"{adapter_file.parent} already contains a training run's files ({', '.join(files[:3])}), which this run "
+            "would overwrite; train into a new folder, or continue that run with resume_from and its start_iteration"
+        )
+
+
 def _check_training_inputs(model: nn.Module, train_examples, valid_examples, args: TrainingArgs) -> None:
     """Raise ValueError for data, options or a model that cannot be trained,
     before anything is written."""
@@ -768,11 +793,15 @@ def _check_training_inputs(model: nn.Module, train_examples, valid_examples, arg
     untrained = [example.source or f"example {i}" for i, example in enumerate(train_examples) if example.trained_tokens == 0]
     if untrained:
         raise ValueError(f"{untrained[0]}: no token of the example counts in the loss; check its loss_mask")
+    if args.batch_size < 1:
+        raise ValueError(f"the batch size must be at least 1, got {args.batch_size}")
     if len(train_examples) < args.batch_size:
         raise ValueError(
             f"the training data has {_records(len(train_examples))}, fewer than the batch size {args.batch_size}; "
             "lower the batch size or add records"
         )
+    if args.adapter_file is not None:
+        _check_adapter_file(Path(args.adapter_file), args.start_iteration)
     if args.grad_accumulation_steps < 1:
         raise ValueError(f"grad_accumulation_steps must be at least 1, got {args.grad_accumulation_steps}")
     if args.start_iteration > args.iters:
@@ -801,6 +830,8 @@ def train(
     to train it from scratch. The data and options are checked before anything
     is written, and the folder of ``args.adapter_file`` is created and written
     at the first save only, so a run that fails earlier leaves it as it was.
+    A run from iteration 1 rejects a folder that already contains another
+    run's files; a resumed run (``args.start_iteration`` above 1) continues in it.
 
     Args:
         model (nn.Module): An RWKV-4, 5, 6 or 7 model.

@@ -174,6 +174,41 @@ def test_resume_continues_like_one_run(tmp_path):
         assert mx.abs(a - b).max().item() <= 1e-6, name
 
 
+def test_second_run_rejects_used_folder(tmp_path):
+    data = pattern_examples(4)
+    train(prepare_for_training(tiny_model(), "lora"), data, None, quick_args(tmp_path, iters=2, steps_per_save=2))
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+
+    with pytest.raises(ValueError, match="already contains a training run's files .*train into a new folder"):
+        train(prepare_for_training(tiny_model(), "lora"), data, None, quick_args(tmp_path, iters=2))
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
+
+
+def test_adapter_file_folder_rejected(tmp_path):
+    args = quick_args(tmp_path, iters=2)
+    args.adapter_file = str(tmp_path)
+
+    with pytest.raises(ValueError, match="is a folder; name the weights file, such as .*adapters.safetensors"):
+        train(prepare_for_training(tiny_model(), "lora"), pattern_examples(4), None, args)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_zero_batch_size_rejected(tmp_path):
+    args = quick_args(tmp_path, iters=2)
+    args.batch_size = 0
+    model = prepare_for_training(tiny_model(), "lora")
+
+    with pytest.raises(ValueError, match="the batch size must be at least 1, got 0"):
+        train(model, pattern_examples(4), None, args)
+    with pytest.raises(ValueError, match="the batch size must be at least 1, got 0"):
+        evaluate(model, pattern_examples(4), batch_size=0)
+
+
+def test_evaluate_empty_data_rejected():
+    with pytest.raises(ValueError, match="the evaluation data has no records"):
+        evaluate(tiny_model(), [], batch_size=2)
+
+
 @pytest.mark.parametrize("rate", [1e-2, 1e-4])
 def test_resume_keeps_given_learning_rate(tmp_path, rate):
     data = pattern_examples(6)
