@@ -170,6 +170,11 @@ def encode_prompt(tokenizer, prompt: Prompt, vocab_size: int, prompt_name: str =
         TypeError: If the prompt is neither text nor integer token ids.
         ValueError: If an array of ids is not 1-D, or an id is outside the vocabulary.
     """
+    if isinstance(prompt, str) and tokenizer is None:
+        raise TypeError(
+            f"{prompt_name} is text, but no tokenizer is given here; encode it with the tokenizer first, "
+            "or call stream_generate(model, tokenizer, text)"
+        )
     if isinstance(prompt, str):
         ids = [int(t) for t in tokenizer.encode(prompt)]
     elif isinstance(prompt, (mx.array, np.ndarray)):
@@ -259,7 +264,12 @@ class StopStrings:
     """
 
     def __init__(self, stop: Optional[Iterable[str]] = None):
-        self.stop = [s for s in (stop or []) if s]
+        if isinstance(stop, str):
+            stop = [stop]
+        self.stop = list(stop or [])
+        for string in self.stop:
+            if not isinstance(string, str) or not string:
+                raise ValueError(f"stop strings must be non-empty strings, got {string!r}")
         self._pending = ""
 
     def feed(self, segment: str) -> Tuple[str, bool]:
@@ -510,7 +520,7 @@ def stream_generate(
             be empty, and every id must be in the model's vocabulary.
         max_tokens (int): Tokens to generate; 0 only processes the prompt
             (one response with ``token=None``), -1 means no limit.
-        stop (Iterable[str], optional): Strings that end generation.
+        stop (str | Iterable[str], optional): A string, or strings, that end generation.
         kwargs: Passed to ``generate_step`` (``sampler``,
             ``logits_processors``, ``prompt_cache``, ``prefill_step_size``,
             ``prompt_progress_callback``).
@@ -752,7 +762,7 @@ def batch_generate(
         tokenizer: The tokenizer.
         prompts (Sequence[str | Sequence[int] | mx.array]): The prompts.
         max_tokens (int): Tokens to generate per sequence; -1 means no limit.
-        stop (Iterable[str], optional): Strings that end a sequence.
+        stop (str | Iterable[str], optional): A string, or strings, that end a sequence.
         verbose (bool): Print the speeds and peak memory at the end.
         return_prompt_caches (bool): Return each sequence's layer caches,
             to continue it with ``stream_generate(..., prompt_cache=...)``.
@@ -763,6 +773,8 @@ def batch_generate(
         BatchResponse: Texts, tokens and statistics.
     """
     check_max_tokens(max_tokens)
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a list of prompts; pass a single prompt as [prompt]")
     vocab_size = vocab_size_of(model)
     encoded = [encode_prompt(tokenizer, p, vocab_size, prompt_name=f"prompt {i}").tolist() for i, p in enumerate(prompts)]
     count = len(encoded)

@@ -276,9 +276,11 @@ def load_model(source: str, dtype: Optional[Union[mx.Dtype, str]] = None) -> Tup
     Returns:
         tuple[nn.Module, dict, Path]: The model, its config and the local path.
     """
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"the model source must be a path or a Hugging Face repo id, got {source!r}")
     if dtype is not None:
         dtype = weight_dtype(dtype)
-    path = resolve_source(source)
+    path = resolve_source(str(source))
     weights, config = read_weights(path)
     if dtype is not None:
         weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
@@ -352,7 +354,9 @@ def load(
 
         model = load_adapters(model, adapter_path)
     name = tokenizer or default_tokenizer_name(path, config)
-    return model, load_tokenizer(name)
+    text_tokenizer = load_tokenizer(name)
+    check_tokenizer_size(text_tokenizer, name, config["vocab_size"])
+    return model, text_tokenizer
 
 
 def save_model(directory: Path, model: nn.Module, config: Dict[str, Any], tokenizer=None) -> None:

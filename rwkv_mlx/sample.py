@@ -121,6 +121,12 @@ def make_token_ban(token_ids: Iterable[int], vocab_size: Optional[int] = None) -
     Returns:
         LogitsProcessor: The processor.
     """
+    if isinstance(token_ids, str):
+        raise TypeError(f"ban_tokens must be token ids, not the string {token_ids!r}")
+    token_ids = list(token_ids)
+    for token in token_ids:
+        if isinstance(token, bool) or not isinstance(token, (int, np.integer)):
+            raise ValueError(f"banned token ids must be integers, got {token!r}")
     banned = sorted({int(t) for t in token_ids})
     check_token_range(banned, vocab_size, "banned token id")
     if vocab_size is not None and len(banned) >= vocab_size:
@@ -132,10 +138,9 @@ def make_token_ban(token_ids: Iterable[int], vocab_size: Optional[int] = None) -
             return logits
         size = logits.shape[-1]
         if size not in masks:
-            mask = mx.zeros((size,), dtype=mx.int32)
-            in_range = [t for t in banned if t < size]
-            if in_range:
-                mask = mask.at[mx.array(in_range)].add(1)
+            # Without vocab_size the range is known only here.
+            check_token_range(banned, size, "banned token id")
+            mask = mx.zeros((size,), dtype=mx.int32).at[mx.array(banned)].add(1)
             masks[size] = mask > 0
         return mx.where(masks[size], mx.array(-math.inf, dtype=logits.dtype), logits)
 

@@ -193,3 +193,13 @@ def test_load_takes_dtype_by_name():
 def test_load_rejects_other_dtypes(dtype):
     with pytest.raises(ValueError, match="dtype must be one of float16, bfloat16, float32"):
         rwkv_mlx.load(str(PTH), dtype=dtype)
+
+
+def test_load_rejects_larger_tokenizer():
+    with pytest.raises(ValueError, match="tokenizer 'world' has 65536 tokens but the model's vocabulary has only 256"):
+        rwkv_mlx.load(str(PTH), tokenizer="world")
+
+
+def test_load_rejects_source_of_another_type():
+    with pytest.raises(TypeError, match="the model source must be a path or a Hugging Face repo id, got None"):
+        rwkv_mlx.load(None)

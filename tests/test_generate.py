@@ -139,6 +139,26 @@ def test_stop_strings_hold_back_prefixes():
     assert stops.feed("yEND") == ("y", True)
 
 
+def test_generate_step_rejects_text(model):
+    with pytest.raises(TypeError, match=r"the prompt is text, but no tokenizer is given here; .*stream_generate"):
+        next(generate_step("abc", model))
+
+
+def test_single_stop_string_kept_whole():
+    assert StopStrings("a m").stop == ["a m"]
+
+
+@pytest.mark.parametrize("stop", [[""], ["ok", 3]])
+def test_invalid_stop_strings_rejected(stop):
+    with pytest.raises(ValueError, match="stop strings must be non-empty strings"):
+        StopStrings(stop)
+
+
+def test_batch_generate_rejects_one_string(model):
+    with pytest.raises(TypeError, match=r"prompts must be a list of prompts; pass a single prompt as \[prompt\]"):
+        batch_generate(model, ByteTokenizer(), "She was", max_tokens=2)
+
+
 def test_stream_stops_at_eos():
     script = list(b"ok") + [0] + list(b"never")
     responses = list(stream_generate(ScriptedModel(script), ByteTokenizer(eos_token_id=0), "x", max_tokens=50))

@@ -159,6 +159,21 @@ def test_logit_bias_string_ids_accepted():
     assert bias(mx.zeros((1, 0), dtype=mx.int32), mx.zeros((1, 256)))[0, 7].item() == 2.0
 
 
+def test_ban_tokens_of_wrong_type_rejected():
+    with pytest.raises(TypeError, match="ban_tokens must be token ids, not the string 'abc'"):
+        make_logits_processors(ban_tokens="abc")
+    with pytest.raises(ValueError, match="banned token ids must be integers, got 2.5"):
+        make_logits_processors(ban_tokens=[1, 2.5])
+
+
+def test_ban_without_vocab_size_checked_against_logits():
+    (ban,) = make_logits_processors(ban_tokens=(t for t in [3, 300]))
+
+    with pytest.raises(ValueError, match=r"banned token id 300 is outside the vocabulary; ids must be \[0, 256\)"):
+        ban(mx.zeros((1, 0), dtype=mx.int32), mx.zeros((1, 256)))
+    assert ban(mx.zeros((1, 0), dtype=mx.int32), mx.zeros((1, 400)))[0, 300].item() == -math.inf
+
+
 def test_logit_bias_without_vocab_size_checked_against_logits():
     (bias,) = make_logits_processors(logit_bias={5: 1.0, 999: 5.0})
     tokens = mx.zeros((1, 0), dtype=mx.int32)

@@ -240,3 +240,16 @@ def test_truncated_safetensors_model_named(model, tmp_path):
 
     with pytest.raises(CheckpointError, match="not a readable safetensors file .*it may be truncated"):
         load_model(str(path))
+
+
+def test_save_rejects_cache_of_another_model(model, tmp_path):
+    wider = random_model({**TINY_CONFIG, "hidden_size": 128})
+
+    with pytest.raises(ValueError, match="has shape .*pass the model whose make_cache\\(\\) made the cache"):
+        save_state(tmp_path / "s.safetensors", state_after(wider, b"abc"), model)
+    assert not (tmp_path / "s.safetensors").exists()
+
+
+def test_save_rejects_negative_token_count(model, tmp_path):
+    with pytest.raises(ValueError, match="tokens must be a count of 0 or more, got -1"):
+        save_state(tmp_path / "s.safetensors", state_after(model, b"abc"), model, tokens=-1)

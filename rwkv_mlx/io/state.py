@@ -152,9 +152,18 @@ def save_state(
     if path.is_dir():
         raise ValueError(f"{path} is a folder; name a state file, such as {path / 'state.safetensors'}")
     if len(cache) != len(model.layers):
-        raise ValueError(f"the cache has {len(cache)} layers but the model has {len(model.layers)}")
+        raise ValueError(
+            f"the cache has {len(cache)} layers but the model has {len(model.layers)}; "
+            "pass the model whose make_cache() made the cache"
+        )
     if any(entry is None for layer in cache for entry in layer.cache):
         raise ValueError(f"cannot save an empty state to {path}: process at least one token first")
+    if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0):
+        raise ValueError(f"tokens must be a count of 0 or more, got {tokens!r}")
+    try:
+        check_state_shapes(cache, model, "the cache")
+    except CheckpointError as error:
+        raise ValueError(f"{error}; pass the model whose make_cache() made the cache") from error
 
     arrays = {}
     for i, layer in enumerate(cache):

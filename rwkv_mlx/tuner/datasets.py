@@ -95,12 +95,14 @@ def make_example(tokens: Sequence[int], loss_mask: Optional[Sequence[bool]] = No
     """Build an Example, training on every token after the first when no mask is given.
 
     Raises:
-        DatasetError: If the tokens are not integers.
+        DatasetError: If there are no tokens, or they are not integers.
     """
     tokens = np.asarray(tokens)
     if tokens.size and not np.issubdtype(tokens.dtype, np.integer):
         raise DatasetError(f"{source or 'example'}: token ids must be integers, got {tokens.dtype}")
     tokens = tokens.astype(np.int32).reshape(-1)
+    if not tokens.size:
+        raise DatasetError(f"{source or 'example'}: no tokens; an example needs at least two")
     if loss_mask is None:
         loss_mask = np.ones(len(tokens), dtype=bool)
     loss_mask = np.asarray(loss_mask, dtype=bool).reshape(-1).copy()
@@ -133,9 +135,11 @@ def read_jsonl(path: Path) -> List[Tuple[int, Dict[str, Any]]]:
     """Read a JSON Lines file into (line number, record) pairs, skipping blank lines.
 
     Raises:
-        DatasetError: For a line that is not valid UTF-8, not valid JSON, or
-            not a JSON object, and for a file without records.
+        DatasetError: For a missing file, a line that is not valid UTF-8,
+            not valid JSON, or not a JSON object, and for a file without records.
     """
+    if not Path(path).is_file():
+        raise DatasetError(f"{path}: file not found" if not Path(path).exists() else f"{path}: not a file")
     records = []
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):

@@ -652,7 +652,11 @@ class _TrainingRun:
             self.accumulated = None
             mx.eval(self.model.parameters(), self.optimizer.state)
             if not _all_finite(self.model.trainable_parameters()):
-                raise self.diverged(iteration, "the optimizer update made some weights NaN or infinite")
+                raise self.diverged(
+                    iteration,
+                    "the optimizer update made some weights NaN or infinite, so the model's trained weights in "
+                    "memory are unusable now (reload the model, or load the last checkpoint, before using it again)",
+                )
 
         self.elapsed += time.perf_counter() - tic
         self.losses += loss
@@ -795,6 +799,8 @@ def _check_training_inputs(model: nn.Module, train_examples, valid_examples, arg
         raise ValueError(f"{untrained[0]}: no token of the example counts in the loss; check its loss_mask")
     if args.batch_size < 1:
         raise ValueError(f"the batch size must be at least 1, got {args.batch_size}")
+    if not 0 <= args.learning_rate < math.inf:
+        raise ValueError(f"the learning rate must be a finite number, 0 or more, got {args.learning_rate}")
     if len(train_examples) < args.batch_size:
         raise ValueError(
             f"the training data has {_records(len(train_examples))}, fewer than the batch size {args.batch_size}; "

@@ -277,3 +277,17 @@ def test_non_integer_tokens_rejected(tokens):
 
     with pytest.raises(DatasetError, match="example 2: token ids must be integers"):
         as_example(tokens, 2)
+
+
+def test_missing_jsonl_file_named(tmp_path):
+    from rwkv_mlx.tokenizer import ByteTokenizer
+
+    with pytest.raises(DatasetError, match="nope.jsonl: file not found"):
+        load_jsonl_dataset(tmp_path / "nope.jsonl", ByteTokenizer())
+
+
+def test_empty_example_rejected():
+    from rwkv_mlx.tuner.datasets import make_example
+
+    with pytest.raises(DatasetError, match="example: no tokens; an example needs at least two"):
+        make_example([])

@@ -398,9 +398,17 @@ def test_non_finite_update_stops_training(tmp_path):
 
     message = str(error.value)
     assert "training diverged at iteration 1: the optimizer update made some weights NaN or infinite" in message
+    assert "the model's trained weights in memory are unusable now (reload the model" in message
     assert "no checkpoint of this run was saved" in message
     assert "python -m rwkv_mlx.convert --dtype float32, or --dtype bfloat16" in message
     assert not (tmp_path / "adapters").exists()
+
+
+def test_non_finite_learning_rate_rejected(tmp_path):
+    args = quick_args(tmp_path, iters=2, learning_rate=float("nan"))
+
+    with pytest.raises(ValueError, match="the learning rate must be a finite number, 0 or more, got nan"):
+        train(prepare_for_training(tiny_model(), "lora"), pattern_examples(4), None, args)
 
 
 @pytest.mark.parametrize("version", ["7", "4", "5.2", "6"])
