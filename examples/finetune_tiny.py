@@ -34,7 +34,7 @@ import mlx.core as mx
 
 from rwkv_mlx.loading import load_model
 from rwkv_mlx.tokenizer import load_tokenizer
-from rwkv_mlx.tuner import TrainingArgs, evaluate, load_jsonl_dataset, prepare_for_training, train
+from rwkv_mlx.tuner import FINE_TUNE_TYPES, TrainingArgs, evaluate, load_jsonl_dataset, prepare_for_training, train
 
 CHAPTER_HEADING = re.compile(r"^\S.* \d+$")
 VERSE = re.compile(r"^\s*\d+\s+(.*\S)\s*$")
@@ -72,6 +72,11 @@ def write_data(text_file: Path, folder: Path, record_bytes: int) -> Dict[str, in
     chapters = chapters_of(text_file.read_text())
     if not chapters:
         raise SystemExit(f"{text_file}: no chapters found; make it with: bible -l0 \"Genesis 1:1-Revelation 22:21\"")
+    if len(chapters) < 31:
+        raise SystemExit(
+            f"{text_file}: {len(chapters)} chapters found, but the test split needs at least 31 "
+            "(chapters 11 and 31 of every 40 are held out); use a longer text"
+        )
     splits: Dict[str, list] = {"train": [], "valid": [], "test": []}
     for index, chapter in enumerate(chapters):
         split = "train"
@@ -102,6 +107,10 @@ def main():
     parser.add_argument("--state-learning-rate", type=float, default=3e-2, help="Adam learning rate for state tuning.")
     parser.add_argument("--modes", default="lora,state", help="Comma-separated fine-tune types to run.")
     options = parser.parse_args()
+    modes = options.modes.split(",")
+    unknown = [mode for mode in modes if mode not in FINE_TUNE_TYPES]
+    if unknown:
+        parser.error(f"--modes: unknown fine-tune type {unknown[0]!r}; expected some of {', '.join(FINE_TUNE_TYPES)}")
 
     data_folder = options.output / "data"
     counts = write_data(options.text, data_folder, options.record_bytes)
@@ -114,7 +123,7 @@ def main():
     print(f"base model: test loss {base_loss:.4f} nats/byte, perplexity {math.exp(base_loss):.3f}")
 
     rows = []
-    for mode in options.modes.split(","):
+    for mode in modes:
         mx.random.seed(0)
         model = prepare_for_training(load_model(options.model)[0], mode)
         learning_rate = options.lora_learning_rate if mode in ("lora", "dora") else options.state_learning_rate

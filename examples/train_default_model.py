@@ -13,8 +13,8 @@ Usage:
     # The shipped model: about an hour on 2 CPU cores.
     python examples/train_default_model.py --output rwkv_mlx/default_model
 
-    # Any local text, a few steps:
-    python examples/train_default_model.py --data book.txt --output /tmp/model --steps 50
+    # Any local text, a few steps, without the plot:
+    python examples/train_default_model.py --data book.txt --output /tmp/model --steps 50 --no-plot
 
 Plotting needs matplotlib (``pip install matplotlib``), and ``--no-plot`` skips the plot.
 """
@@ -359,8 +359,9 @@ def parameter_count(model: nn.Module) -> int:
 
 
 def learning_rate_schedule(peak: float, final: float, warmup: int, steps: int) -> Callable:
-    """Return a linear warmup to ``peak``, then a cosine decay to ``final`` at the last step."""
-    warmup = min(warmup, steps - 1)
+    """Return a linear warmup to ``peak`` over at most half the steps, then a
+    cosine decay that reaches ``final`` one step after the last."""
+    warmup = min(warmup, steps // 2)
     decay = optim.cosine_decay(peak, max(steps - warmup, 1), final)
     if warmup <= 0:
         return decay
@@ -524,7 +525,7 @@ def parse_arguments(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16, help="windows per step (default: 16)")
     parser.add_argument("--seq-len", type=int, default=256, help="bytes per window (default: 256)")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default: 2e-3)")
-    parser.add_argument("--final-lr", type=float, default=1e-4, help="learning rate at the last step (default: 1e-4)")
+    parser.add_argument("--final-lr", type=float, default=1e-4, help="learning rate the cosine decay ends at, one step after the last (default: 1e-4)")
     parser.add_argument("--warmup", type=int, default=50, help="warmup steps (default: 50)")
     parser.add_argument("--layers", type=int, default=4, help="number of layers (default: 4)")
     parser.add_argument("--hidden-size", type=int, default=192, help="model width (default: 192)")

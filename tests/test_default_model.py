@@ -240,3 +240,13 @@ def test_training_smoke_loss_decreases(training_script, tmp_path):
     card = (output / "MODEL_CARD.md").read_text()
     assert "the local file sample.txt" in card
     assert "30 steps" in card
+
+
+@pytest.mark.parametrize("steps, warmup", [(10, 50), (800, 50)])
+def test_schedule_decays_before_last_step(training_script, steps, warmup):
+    schedule = training_script.learning_rate_schedule(2e-3, 1e-4, warmup, steps)
+    rates = [schedule(mx.array(step)).item() for step in range(steps)]
+
+    assert max(rates) == pytest.approx(2e-3)
+    assert rates[-1] < 0.2 * 2e-3
+    assert rates[-1] > 1e-4
