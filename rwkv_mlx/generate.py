@@ -1069,7 +1069,7 @@ def format_chat_message(tokenizer, role: str, message: str, add_generation_promp
         add_generation_prompt (bool): End with the cue for the model's reply.
 
     Returns:
-        str: The text to feed, e.g. ``"User: hi\n\nAssistant:"``.
+        str: The text to feed, for example ``User: hi``, a blank line, then ``Assistant:``.
     """
     messages = [{"role": role, "content": message}]
     if getattr(tokenizer, "chat_template", None):

@@ -330,7 +330,7 @@ def load(
     tokenizer: Optional[str] = None,
     dtype: Optional[Union[mx.Dtype, str]] = None,
     adapter_path: Optional[str] = None,
-):
+) -> Tuple[nn.Module, Any]:
     """Load a model and its tokenizer, as ``mlx_lm.load`` does.
 
     Args:
@@ -365,6 +365,13 @@ def save_model(directory: Path, model: nn.Module, config: Dict[str, Any], tokeni
     The files are written into a temporary directory beside the target and
     moved into place one by one, so an interrupted save never leaves a
     half-written file under a final name.
+
+    Args:
+        directory (Path): The directory to write; created if missing.
+        model (nn.Module): The model whose parameters are saved.
+        config (dict): The model's config, written as config.json.
+        tokenizer (optional): A tokenizer from ``load_tokenizer``, whose files
+            are written with ``save_pretrained``; none when not given.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

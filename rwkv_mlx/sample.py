@@ -53,7 +53,14 @@ def validate_sampling(temp: float, top_p: float, min_p: float, top_k: int) -> No
 
 
 def greedy_sampler(logprobs: mx.array) -> mx.array:
-    """Return the most likely token of each row, [B]."""
+    """Return the most likely token of each row.
+
+    Args:
+        logprobs (mx.array): Log-probabilities, [B, V].
+
+    Returns:
+        mx.array: The token ids, [B].
+    """
     return mx.argmax(logprobs, axis=-1)
 
 

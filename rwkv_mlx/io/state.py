@@ -60,7 +60,14 @@ BUILTIN_TOKENIZERS = ("world", "bytes")
 
 def rwkv_version(model: nn.Module) -> str:
     """Return the RWKV version of a model: ``args.version`` where the model
-    type has several (``"5.2"``), else the number in ``model_type`` (``"7"``)."""
+    type has several (``"5.2"``), else the number in ``model_type`` (``"7"``).
+
+    Args:
+        model (nn.Module): The model.
+
+    Returns:
+        str: The version, such as ``"7"`` or ``"5.2"``.
+    """
     args = getattr(model, "args", None)
     version = getattr(args, "version", None)
     if version:
@@ -120,7 +127,15 @@ def tokenizer_identity(name_or_path: Optional[str]) -> str:
 
 
 def model_shape(model: nn.Module) -> Dict[str, str]:
-    """Return the sizes a state depends on: layers, width, head size and vocabulary."""
+    """Return the sizes a state depends on: layers, width, head size and vocabulary.
+
+    Args:
+        model (nn.Module): The model.
+
+    Returns:
+        dict[str, str]: ``num_layers``, ``hidden_size``, ``head_dim`` (empty
+        for RWKV-4) and ``vocab_size``, as the strings a state file records.
+    """
     args = model.args
     head_dim = getattr(args, "head_dim", None)
     return {

@@ -323,11 +323,16 @@ def check_cache(cache: List[Any], layers: int, batch: int, entry_shapes: Sequenc
         for name, entry, shape in zip(CACHE_ENTRY_NAMES, getattr(layer_cache, "cache", ()), entry_shapes):
             if entry is None:
                 continue
-            if tuple(entry.shape[1:]) != tuple(shape) or entry.shape[0] not in (1, batch):
+            if tuple(entry.shape[1:]) != tuple(shape):
                 raise ValueError(
                     f"layer {index}'s {name} in the cache has shape {list(entry.shape)}, but this model needs "
                     f"{[batch, *shape]} for a batch of {batch}; make the cache with this model's make_cache(), "
                     "or load a state saved from this model"
+                )
+            if entry.shape[0] not in (1, batch):
+                raise ValueError(
+                    f"the cache contains a batch of {entry.shape[0]} sequences (layer {index}'s {name}), but the "
+                    f"input has {batch}; pass that many sequences, or take one sequence's rows from the cache"
                 )
 
 

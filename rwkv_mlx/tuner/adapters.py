@@ -1,6 +1,7 @@
 """Adapter folders: set a model up for a kind of fine-tuning, save, load and fuse.
 
-An adapter folder contains two files, in mlx-lm's format where it has one:
+An adapter folder contains two files, and a third for state tuning, in
+mlx-lm's format where it has one:
 
 ``adapter_config.json``
     The training options. Loading reads these fields:

@@ -94,6 +94,15 @@ class Features:
 def make_example(tokens: Sequence[int], loss_mask: Optional[Sequence[bool]] = None, source: str = "") -> Example:
     """Build an Example, training on every token after the first when no mask is given.
 
+    Args:
+        tokens (Sequence[int]): The token ids.
+        loss_mask (Sequence[bool], optional): Which tokens count in the loss;
+            the first never does, as no token predicts it.
+        source (str): Where the example comes from, for error messages.
+
+    Returns:
+        Example: The example.
+
     Raises:
         DatasetError: If there are no tokens, or they are not integers.
     """
