@@ -303,9 +303,10 @@ def prepare_for_training(
     if fine_tune_type not in FINE_TUNE_TYPES:
         raise ValueError(f"unknown fine-tune type {fine_tune_type!r}; expected one of {', '.join(FINE_TUNE_TYPES)}")
     selected = _selected_layers(model, num_layers)
+    fingerprint = base_fingerprint(model)
     model.freeze()
 
-    config = {"fine_tune_type": fine_tune_type, "num_layers": num_layers}
+    config = {"fine_tune_type": fine_tune_type, "num_layers": num_layers, "base_model_fingerprint": fingerprint}
     if fine_tune_type in ("lora", "dora"):
         parameters = {**DEFAULT_LORA_PARAMETERS, **(lora_parameters or {})}
         if parameters.get("keys") is None:
@@ -336,9 +337,10 @@ def prepared_adapter_config(model: nn.Module) -> Optional[Dict[str, Any]]:
         model (nn.Module): A model returned by ``prepare_for_training``.
 
     Returns:
-        dict | None: ``fine_tune_type``, ``num_layers`` and, for lora and
-        dora, ``lora_parameters`` with their ``keys``: what ``load_adapters``
-        reads. None for a model that ``prepare_for_training`` did not return.
+        dict | None: ``fine_tune_type``, ``num_layers``,
+        ``base_model_fingerprint`` and, for lora and dora, ``lora_parameters``
+        with their ``keys``: what ``load_adapters`` reads. None for a model
+        that ``prepare_for_training`` did not return.
     """
     config = getattr(model, PREPARED_CONFIG_ATTRIBUTE, None)
     return copy.deepcopy(config) if config is not None else None

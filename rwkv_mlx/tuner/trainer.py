@@ -882,11 +882,14 @@ def train(
     optimizer = optimizer or optim.Adam(learning_rate=args.learning_rate)
     mx.random.seed(args.seed)
     identity = model_identity(model)
-    metadata = {**(metadata or {}), **identity}
     if adapter_config is None:
         adapter_config = prepared_adapter_config(model)
     if adapter_config is not None:
         adapter_config = {**adapter_config, **identity}
+    # The saved files name the kind of tuning and the base model, which
+    # load_adapters and the state file check, also when the caller did not.
+    recorded = {key: (adapter_config or {}).get(key) for key in ("fine_tune_type", "base_model_fingerprint")}
+    metadata = {**{k: v for k, v in recorded.items() if v is not None}, **(metadata or {}), **identity}
     run = _TrainingRun(model, args, optimizer, valid_examples, training_callback, metadata, adapter_config)
     batches = iterate_batches(train_examples, args.batch_size, loop=True, seed=args.seed, skip=args.start_iteration - 1)
 

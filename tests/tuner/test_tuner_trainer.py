@@ -614,3 +614,15 @@ def test_bad_validation_example_named(tmp_path):
 
     with pytest.raises(ValueError, match="validation example 1: token ids must be integers"):
         train(model, pattern_examples(4), [[1, 2, 3], [1.5, 2.0]], quick_args(tmp_path, iters=1))
+
+
+def test_library_run_records_base_model(tmp_path):
+    model = prepare_for_training(tiny_model(seed=0), "state")
+    train(model, pattern_examples(4), None, quick_args(tmp_path, iters=2, steps_per_save=2))
+
+    _, metadata = mx.load(str(tmp_path / "adapters.safetensors"), return_metadata=True)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert metadata["fine_tune_type"] == "state"
+    assert metadata["base_model_fingerprint"] == config["base_model_fingerprint"]
+    with pytest.raises(AdapterError, match="load the base model the state was tuned on"):
+        load_adapters(tiny_model(seed=1), tmp_path)
