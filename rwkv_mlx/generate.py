@@ -19,12 +19,13 @@ Example::
 
 import argparse
 import contextlib
+import inspect
 import logging
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Generator, Iterable, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Callable, Dict, Generator, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -431,6 +432,22 @@ def generate_step(
     )
 
 
+def check_step_options(options: Dict[str, Any], caller: str) -> None:
+    """Raise TypeError for keyword arguments that ``generate_step`` does not take.
+
+    Args:
+        options (dict): The keyword arguments passed on to ``generate_step``.
+        caller (str): The public function that received them, for the message.
+    """
+    accepted = set(inspect.signature(generate_step).parameters) - {"prompt", "model"}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise TypeError(
+            f"{caller}() got unexpected keyword arguments {', '.join(unknown)}; it passes on those of "
+            f"generate_step: {', '.join(sorted(accepted))}"
+        )
+
+
 def _generate_from_ids(
     prompt: mx.array,
     model: nn.Module,
@@ -548,6 +565,7 @@ def stream_generate(
             finish_reason=finish_reason,
         )
 
+    check_step_options(kwargs, "stream_generate")
     with wired_limit():
         start = time.perf_counter()
         token_stream = _generate_from_ids(ids, model, max_tokens=max_tokens, **kwargs)

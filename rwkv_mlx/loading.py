@@ -374,6 +374,8 @@ def save_model(directory: Path, model: nn.Module, config: Dict[str, Any], tokeni
             are written with ``save_pretrained``; none when not given.
     """
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(f"{directory} is a file, not a directory; name a folder for the model")
     directory.mkdir(parents=True, exist_ok=True)
     weights = dict(tree_flatten(model.parameters()))
 

@@ -203,3 +203,15 @@ def test_load_rejects_larger_tokenizer():
 def test_load_rejects_source_of_another_type():
     with pytest.raises(TypeError, match="the model source must be a path or a Hugging Face repo id, got None"):
         rwkv_mlx.load(None)
+
+
+def test_save_model_onto_file_rejected(tmp_path):
+    from rwkv_mlx.loading import load_model, save_model
+
+    target = tmp_path / "model.txt"
+    target.write_text("mine")
+    model, config, _ = load_model(str(PTH))
+
+    with pytest.raises(FileExistsError, match="model.txt is a file, not a directory; name a folder for the model"):
+        save_model(target, model, config)
+    assert target.read_text() == "mine"

@@ -144,6 +144,11 @@ def test_generate_step_rejects_text(model):
         next(generate_step("abc", model))
 
 
+def test_misspelt_option_named(model):
+    with pytest.raises(TypeError, match="stream_generate\\(\\) got unexpected keyword arguments max_token; it passes on"):
+        rwkv_mlx.generate(model, ByteTokenizer(), "abc", max_token=5)
+
+
 def test_single_stop_string_kept_whole():
     assert StopStrings("a m").stop == ["a m"]
 

@@ -15,7 +15,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -109,6 +109,12 @@ class TrainingArgs:
     start_iteration: int = field(
         default=1, metadata={"help": "First iteration; above 1 when resuming, and at most iters."}
     )
+
+
+TrainingArgs.__doc__ += "\n\nAttributes:\n" + "\n".join(
+    f"    {option.name} ({getattr(option.type, '__name__', option.type)}): {option.metadata['help']}"
+    for option in fields(TrainingArgs)
+)
 
 
 @dataclass
