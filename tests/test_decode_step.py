@@ -105,7 +105,7 @@ def test_cache_of_another_model_rejected():
 def test_cache_of_another_batch_rejected():
     model = random_model(seed=3)
 
-    with pytest.raises(ValueError, match=r"has shape \[2, 1, 64\], but this model needs \[1, 1, 64\] for a batch of 1"):
+    with pytest.raises(ValueError, match=r"the cache contains a batch of 2 sequences .*, but the input has 1"):
         model(PROMPT[:, :1], cache=filled_cache(model, batch=2))
 
 
