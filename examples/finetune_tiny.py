@@ -35,6 +35,7 @@ import mlx.core as mx
 from rwkv_mlx.loading import load_model
 from rwkv_mlx.tokenizer import load_tokenizer
 from rwkv_mlx.tuner import FINE_TUNE_TYPES, TrainingArgs, evaluate, load_jsonl_dataset, prepare_for_training, train
+from rwkv_mlx.tuner.adapters import run_files
 
 CHAPTER_HEADING = re.compile(r"^\S.* \d+$")
 VERSE = re.compile(r"^\s*\d+\s+(.*\S)\s*$")
@@ -111,6 +112,11 @@ def main():
     unknown = [mode for mode in modes if mode not in FINE_TUNE_TYPES]
     if unknown:
         parser.error(f"--modes: unknown fine-tune type {unknown[0]!r}; expected some of {', '.join(FINE_TUNE_TYPES)}")
+    if not options.text.is_file():
+        parser.error(f"--text {options.text}: file not found")
+    used = [mode for mode in modes if run_files(options.output / f"adapters-{mode}")]
+    if used:
+        parser.error(f"--output {options.output} already contains adapters-{used[0]} from an earlier run; choose another --output")
 
     data_folder = options.output / "data"
     counts = write_data(options.text, data_folder, options.record_bytes)
@@ -144,7 +150,7 @@ def main():
         print(f"{mode}: validation losses {[(it, round(loss, 4)) for it, loss in history.valid]}")
         loss = evaluate(model, data["test"], options.batch_size, max_seq_length=options.max_seq_length)
         rows.append((mode, learning_rate, seconds, loss))
-        print(f"{mode}: test loss {base_loss:.4f} -> {loss:.4f} ({base_loss - loss:+.4f}) in {seconds:.0f} s")
+        print(f"{mode}: test loss {base_loss:.4f} -> {loss:.4f} (drop {base_loss - loss:.4f}) in {seconds:.0f} s")
 
     print("\n| fine-tune type | learning rate | iterations | time (s) | test loss before | test loss after | drop |")
     print("|---|---|---|---|---|---|---|")

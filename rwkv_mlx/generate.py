@@ -267,6 +267,8 @@ class StopStrings:
     def __init__(self, stop: Optional[Iterable[str]] = None):
         if isinstance(stop, str):
             stop = [stop]
+        if stop is not None and not isinstance(stop, Iterable):
+            raise TypeError(f"stop must be a string or a list of strings, got {stop!r}")
         self.stop = list(stop or [])
         for string in self.stop:
             if not isinstance(string, str) or not string:
@@ -432,19 +434,22 @@ def generate_step(
     )
 
 
-def check_step_options(options: Dict[str, Any], caller: str) -> None:
-    """Raise TypeError for keyword arguments that ``generate_step`` does not take.
+def check_step_options(options: Dict[str, Any], caller: str, step: Callable = None) -> None:
+    """Raise TypeError for keyword arguments that the step function does not take.
 
     Args:
-        options (dict): The keyword arguments passed on to ``generate_step``.
+        options (dict): The keyword arguments passed on to ``step``.
         caller (str): The public function that received them, for the message.
+        step (Callable, optional): ``generate_step`` when not given, or
+            ``batch_generate_step``.
     """
-    accepted = set(inspect.signature(generate_step).parameters) - {"prompt", "model"}
+    step = step or generate_step
+    accepted = set(inspect.signature(step).parameters) - {"prompt", "prompts", "model"}
     unknown = sorted(set(options) - accepted)
     if unknown:
         raise TypeError(
             f"{caller}() got unexpected keyword arguments {', '.join(unknown)}; it passes on those of "
-            f"generate_step: {', '.join(sorted(accepted))}"
+            f"{step.__name__}: {', '.join(sorted(accepted))}"
         )
 
 
@@ -793,6 +798,7 @@ def batch_generate(
     check_max_tokens(max_tokens)
     if isinstance(prompts, str):
         raise TypeError("prompts must be a list of prompts; pass a single prompt as [prompt]")
+    check_step_options(kwargs, "batch_generate", batch_generate_step)
     vocab_size = vocab_size_of(model)
     encoded = [encode_prompt(tokenizer, p, vocab_size, prompt_name=f"prompt {i}").tolist() for i, p in enumerate(prompts)]
     count = len(encoded)

@@ -321,7 +321,7 @@ def check_tokenizer_size(tokenizer, tokenizer_name: str, vocab_size: int) -> Non
     named = f"the tokenizer in {tokenizer_name}" if Path(tokenizer_name).is_dir() else f"tokenizer {tokenizer_name!r}"
     raise ValueError(
         f"{named} has {size} tokens but the model's vocabulary has only {vocab_size}; "
-        "pass the model's tokenizer with --tokenizer"
+        "use the model's own tokenizer (leave the tokenizer option out) or one of its size"
     )
 
 

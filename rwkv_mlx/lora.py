@@ -274,16 +274,20 @@ def check_adapter_folder(adapter_path: str, resume_adapter_file: Optional[str]) 
     another run in ``adapter_path``. Continuing the run whose checkpoint
     ``resume_adapter_file`` lies in that folder is allowed."""
     folder = Path(adapter_path)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--adapter-path {adapter_path} is a file; name a folder for the adapters")
     saved = run_files(folder)
     if not saved:
         return
     if resume_adapter_file and Path(resume_adapter_file).resolve().parent == folder.resolve():
         return
     listed = ", ".join(saved[:3]) + (f" and {len(saved) - 3} more" if len(saved) > 3 else "")
+    resume = ""
+    if ADAPTER_WEIGHTS_FILE in saved:
+        resume = f", or continue that run with --resume-adapter-file {folder / ADAPTER_WEIGHTS_FILE}"
     raise ValueError(
         f"--adapter-path {adapter_path} already contains a training run's files ({listed}), which this run would "
-        f"overwrite; choose a new --adapter-path, or continue that run with --resume-adapter-file "
-        f"{folder / ADAPTER_WEIGHTS_FILE}"
+        f"overwrite; choose a new --adapter-path{resume}"
     )
 
 

@@ -128,9 +128,9 @@ def make_token_ban(token_ids: Iterable[int], vocab_size: Optional[int] = None) -
     Returns:
         LogitsProcessor: The processor.
     """
-    if isinstance(token_ids, str):
-        raise TypeError(f"ban_tokens must be token ids, not the string {token_ids!r}")
-    token_ids = list(token_ids)
+    if isinstance(token_ids, str) or not isinstance(token_ids, (Iterable, mx.array)):
+        raise TypeError(f"ban_tokens must be a list of token ids, got {token_ids!r}")
+    token_ids = token_ids.tolist() if isinstance(token_ids, (mx.array, np.ndarray)) else list(token_ids)
     for token in token_ids:
         if isinstance(token, bool) or not isinstance(token, (int, np.integer)):
             raise ValueError(f"banned token ids must be integers, got {token!r}")
@@ -324,7 +324,10 @@ def make_logits_processors(
             return logits.astype(mx.float32).at[:, bias_ids].add(bias_values)
 
         processors.append(add_logit_bias)
-    if ban_tokens:
+    if isinstance(ban_tokens, (mx.array, np.ndarray)):
+        ban_tokens = ban_tokens.tolist()
+    # Empty collections add nothing, and anything else but None reaches the checks of make_token_ban.
+    if ban_tokens or not isinstance(ban_tokens, (type(None), list, tuple, set, str)):
         processors.append(make_token_ban(ban_tokens, vocab_size))
     if presence_penalty or frequency_penalty:
         processors.append(RepetitionPenalty(presence_penalty, frequency_penalty, penalty_decay, uncounted_token_ids))

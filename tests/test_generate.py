@@ -149,6 +149,16 @@ def test_misspelt_option_named(model):
         rwkv_mlx.generate(model, ByteTokenizer(), "abc", max_token=5)
 
 
+def test_batch_misspelt_option_named(model):
+    with pytest.raises(TypeError, match="batch_generate\\(\\) got unexpected keyword arguments max_token; it passes on"):
+        batch_generate(model, ByteTokenizer(), ["abc"], max_token=5)
+
+
+def test_stop_of_wrong_type_rejected():
+    with pytest.raises(TypeError, match="stop must be a string or a list of strings, got 5"):
+        StopStrings(5)
+
+
 def test_single_stop_string_kept_whole():
     assert StopStrings("a m").stop == ["a m"]
 

@@ -160,10 +160,18 @@ def test_logit_bias_string_ids_accepted():
 
 
 def test_ban_tokens_of_wrong_type_rejected():
-    with pytest.raises(TypeError, match="ban_tokens must be token ids, not the string 'abc'"):
+    with pytest.raises(TypeError, match="ban_tokens must be a list of token ids, got 'abc'"):
         make_logits_processors(ban_tokens="abc")
+    with pytest.raises(TypeError, match="ban_tokens must be a list of token ids, got 5"):
+        make_logits_processors(ban_tokens=5)
     with pytest.raises(ValueError, match="banned token ids must be integers, got 2.5"):
         make_logits_processors(ban_tokens=[1, 2.5])
+
+
+def test_ban_tokens_as_array():
+    (ban,) = make_logits_processors(ban_tokens=mx.array([1, 2]), vocab_size=8)
+
+    assert ban(mx.zeros((1, 0), dtype=mx.int32), mx.zeros((1, 8)))[0, 2].item() == -math.inf
 
 
 def test_ban_without_vocab_size_checked_against_logits():

@@ -282,11 +282,11 @@ def load_state(
     fingerprint = model_fingerprint(model)
     if metadata.get("model_fingerprint") != fingerprint:
         raise CheckpointError(
-            f"{path}: the state was saved from a different model (fingerprint "
-            f"{metadata.get('model_fingerprint')}); this model's fingerprint is {fingerprint}, with the same "
-            "shape. The weights differ: another checkpoint, the same one in another dtype or quantization, or "
-            f"other adapters (--adapter-path changes the weights too).{_dtype_difference(arrays, model)} Load "
-            "the state with the model that saved it, in the same dtype and quantization and with the same adapters"
+            f"{path}: the state was saved from a different model. Its fingerprint is "
+            f"{metadata.get('model_fingerprint')} and this model's is {fingerprint}, so the weights differ: "
+            "another checkpoint, another dtype or quantization, or other adapters."
+            f"{_dtype_difference(arrays, model)} Load the state with the model that saved it, in the same dtype "
+            "and quantization and with the same --adapter-path"
         )
     saved_tokenizer = metadata.get("tokenizer", "")
     if tokenizer and saved_tokenizer and saved_tokenizer != tokenizer:

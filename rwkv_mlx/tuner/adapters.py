@@ -65,6 +65,9 @@ FINE_TUNE_TYPES = ("lora", "dora", "full", "state")
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapters.safetensors"
 STATE_FILE = "state.safetensors"
+LOSS_HISTORY_FILE = "loss_history.json"
+# The trainer names the optimizer state after the weights file, ending in this.
+OPTIMIZER_FILE_ENDING = "optimizer.safetensors"
 
 # The receptance, key, value and output projections of the time mix and both
 # projections of the channel mix: the large matrices of a block, present in
@@ -98,16 +101,14 @@ def run_files(folder: Path, weights_name: str = ADAPTER_WEIGHTS_FILE) -> List[st
             checkpoints end with it.
 
     Returns:
-        list[str]: The adapter config, the tuned state, the weights and their
-        checkpoints found there.
+        list[str]: The adapter config, the tuned state, the loss history, the
+        weights, the optimizer state and their checkpoints found there.
     """
     if not Path(folder).is_dir():
         return []
-    return sorted(
-        path.name
-        for path in Path(folder).iterdir()
-        if path.name in (ADAPTER_CONFIG_FILE, STATE_FILE) or path.name.endswith(weights_name)
-    )
+    names = (ADAPTER_CONFIG_FILE, STATE_FILE, LOSS_HISTORY_FILE)
+    endings = (weights_name, OPTIMIZER_FILE_ENDING)
+    return sorted(path.name for path in Path(folder).iterdir() if path.name in names or path.name.endswith(endings))
 
 
 def _has_adapter_layers(model: nn.Module) -> bool:
@@ -657,6 +658,8 @@ __all__ = [
     "DEFAULT_LORA_PARAMETERS",
     "FINE_TUNE_TYPES",
     "InitialState",
+    "LOSS_HISTORY_FILE",
+    "OPTIMIZER_FILE_ENDING",
     "STATE_FILE",
     "apply_lora_layers",
     "base_fingerprint",

@@ -14,6 +14,7 @@ updated weights are not finite, before anything of that iteration is saved.
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -29,6 +30,7 @@ from mlx_lm.models.cache import ArraysCache
 from ..models import rwkv7
 from .adapters import (
     ADAPTER_WEIGHTS_FILE,
+    LOSS_HISTORY_FILE,
     STATE_FILE,
     AdapterError,
     cast_to_parameters,
@@ -451,6 +453,8 @@ def evaluate(
         raise ValueError("the evaluation data has no records; pass at least one example")
     if batch_size < 1:
         raise ValueError(f"the batch size must be at least 1, got {batch_size}")
+    if num_batches < 1 and num_batches != -1:
+        raise ValueError(f"num_batches must be at least 1, or -1 for all, got {num_batches}")
     check_vocabulary(model, examples)
     model.eval()
     args = TrainingArgs(max_seq_length=max_seq_length, loss_chunk_size=loss_chunk_size)
@@ -464,7 +468,12 @@ def evaluate(
         total_tokens += count
         if progress is not None:
             progress()
-    return total_loss / max(total_tokens, 1)
+    if total_tokens == 0:
+        raise ValueError(
+            "no token of the evaluation data counts in the loss: an example needs at least two tokens, "
+            "and its loss_mask must select some"
+        )
+    return total_loss / total_tokens
 
 
 def check_vocabulary(model: nn.Module, examples: Sequence[Example]) -> None:
@@ -537,6 +546,7 @@ def resume_from(adapter_file, model: nn.Module, optimizer: Optional[optim.Optimi
                 f"{adapter_file}: tensor '{name}' has shape {tuple(value.shape)}, expected "
                 f"{tuple(trainable[name].shape)}; {shape_mismatch_hint(identity, model)}"
             )
+    _check_resumed_base(metadata, model, str(adapter_file))
     model.load_weights(cast_to_parameters(weights, model), strict=False)
     mx.eval(model.parameters())
 
@@ -552,14 +562,28 @@ def resume_from(adapter_file, model: nn.Module, optimizer: Optional[optim.Optimi
             if set(state) != set(current) or any(state[k].shape != current[k].shape for k in state):
                 logger.warning("%s does not match this optimizer; the optimizer starts afresh", optimizer_file)
             else:
-                # The run's own learning rate wins over the saved one, so a
-                # resumed run can lower it. A schedule sets it again from the
-                # restored step.
+                # The learning rate given to this run replaces the saved one,
+                # so a resumed run can lower it. A schedule sets it again from
+                # the restored step.
                 optimizer.state = tree_unflatten(list(state.items()))
                 if "learning_rate" in current:
                     optimizer.state["learning_rate"] = current["learning_rate"]
     logger.info("resuming from %s at iteration %d", adapter_file, iteration + 1)
     return iteration + 1
+
+
+def _check_resumed_base(metadata: Dict[str, str], model: nn.Module, source: str) -> None:
+    """Compare the base model a checkpoint was trained on with the one
+    ``prepare_for_training`` recorded: a tuned state must resume on the same
+    weights, and other adapters get a warning."""
+    saved = metadata.get("base_model_fingerprint")
+    current = (prepared_adapter_config(model) or {}).get("base_model_fingerprint")
+    if not saved or not current or saved == current:
+        return
+    message = f"{source}: trained on a base model with fingerprint {saved}, but this model's fingerprint is {current}"
+    if metadata.get("fine_tune_type") == "state":
+        raise AdapterError(f"{message}; resume the tuned state on the base model it was tuned on")
+    logger.warning("%s; the run continues on this model", message)
 
 
 def plot_losses(history: TrainingHistory, path: Path) -> bool:
@@ -627,7 +651,7 @@ class _TrainingRun:
             self.state_file = self.adapter_file.parent / STATE_FILE
         self.history = TrainingHistory()
         if self.adapter_file is not None and args.start_iteration > 1:
-            self.history = earlier_history(self.adapter_file.parent / "loss_history.json", args.start_iteration)
+            self.history = earlier_history(self.adapter_file.parent / LOSS_HISTORY_FILE, args.start_iteration)
         self.value_and_grad = nn.value_and_grad(model, sequence_loss)
         self.progress = _make_progress(args.iters, args.start_iteration - 1)
 
@@ -754,7 +778,7 @@ class _TrainingRun:
             save_tuned_state(self.state_file, self.model, self.metadata.get("tokenizer"))
         self.history.last_saved_iteration = iteration
         text = json.dumps(self.history.to_dict())
-        write_atomically(folder / "loss_history.json", lambda f: f.write(text.encode()))
+        write_atomically(folder / LOSS_HISTORY_FILE, lambda f: f.write(text.encode()))
         self.progress.write(f"Iter {iteration}: saved the trained tensors to {self.adapter_file} and {checkpoint}")
 
     def interrupted(self, iteration: int) -> TrainingInterrupted:
@@ -779,13 +803,17 @@ def _all_finite(tree) -> bool:
     return not flags or bool(mx.stack(flags).all().item())
 
 
-def _check_adapter_file(adapter_file: Path, start_iteration: int) -> None:
-    """Raise ValueError when ``adapter_file`` is a folder, or when a run that
-    starts at iteration 1 would overwrite another run's files beside it."""
-    if adapter_file.is_dir():
+def _check_adapter_file(adapter_file: str, start_iteration: int) -> None:
+    """Raise ValueError when ``adapter_file`` names a folder or lies in a file,
+    or when a run that starts at iteration 1 would overwrite another run's
+    files beside it."""
+    text, adapter_file = str(adapter_file), Path(adapter_file)
+    if adapter_file.is_dir() or text.endswith(("/", os.sep)):
         raise ValueError(
-            f"adapter_file {adapter_file} is a folder; name the weights file, such as {adapter_file / ADAPTER_WEIGHTS_FILE}"
+            f"adapter_file {text} names a folder; name the weights file, such as {adapter_file / ADAPTER_WEIGHTS_FILE}"
         )
+    if adapter_file.parent.exists() and not adapter_file.parent.is_dir():
+        raise ValueError(f"adapter_file {text}: {adapter_file.parent} is a file, not a folder")
     if start_iteration != 1:
         return
     files = run_files(adapter_file.parent, adapter_file.name)
@@ -802,7 +830,10 @@ def _check_training_inputs(model: nn.Module, train_examples, valid_examples, arg
     check_vocabulary(model, train_examples + valid_examples)
     untrained = [example.source or f"example {i}" for i, example in enumerate(train_examples) if example.trained_tokens == 0]
     if untrained:
-        raise ValueError(f"{untrained[0]}: no token of the example counts in the loss; check its loss_mask")
+        raise ValueError(
+            f"{untrained[0]}: no token of the example counts in the loss; an example needs at least two tokens "
+            "(the first is only read), so check its length and its loss_mask"
+        )
     if args.batch_size < 1:
         raise ValueError(f"the batch size must be at least 1, got {args.batch_size}")
     if not 0 <= args.learning_rate < math.inf:
@@ -813,7 +844,7 @@ def _check_training_inputs(model: nn.Module, train_examples, valid_examples, arg
             "lower the batch size or add records"
         )
     if args.adapter_file is not None:
-        _check_adapter_file(Path(args.adapter_file), args.start_iteration)
+        _check_adapter_file(args.adapter_file, args.start_iteration)
     if args.grad_accumulation_steps < 1:
         raise ValueError(f"grad_accumulation_steps must be at least 1, got {args.grad_accumulation_steps}")
     if args.start_iteration > args.iters:

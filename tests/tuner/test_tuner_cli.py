@@ -381,7 +381,7 @@ def test_new_run_rejects_folder_of_another_run(tmp_path, model_dir, data_dir, ca
 
     err = capsys.readouterr().err
     assert status == 1
-    assert "already contains a training run's files (0000003_adapters.safetensors, 0000006_adapters.safetensors, " in err
+    assert "already contains a training run's files (0000003_adapters.safetensors, 0000003_optimizer.safetensors, 0000006_adapters.safetensors and " in err
     assert f"--resume-adapter-file {adapters / 'adapters.safetensors'}" in err
     assert {path.name: path.read_bytes() for path in adapters.iterdir()} == before
 
@@ -397,6 +397,30 @@ def test_resume_from_another_folder_rejects_used_folder(tmp_path, model_dir, dat
 
     assert status == 1
     assert "already contains a training run's files" in capsys.readouterr().err
+
+
+def test_adapter_path_that_is_a_file_rejected(tmp_path, model_dir, data_dir, capsys):
+    target = tmp_path / "adapters.safetensors"
+    target.write_text("mine")
+
+    status = lora_cli.main(train_argv(model_dir, data_dir, target))
+
+    assert status == 1
+    assert "is a file; name a folder for the adapters" in capsys.readouterr().err
+    assert target.read_text() == "mine"
+
+
+def test_folder_with_other_run_files_rejected(tmp_path, model_dir, data_dir, capsys):
+    adapters = tmp_path / "adapters"
+    adapters.mkdir()
+    (adapters / "loss_history.json").write_text("{}")
+
+    status = lora_cli.main(train_argv(model_dir, data_dir, adapters))
+
+    err = capsys.readouterr().err
+    assert status == 1
+    assert "already contains a training run's files (loss_history.json)" in err
+    assert "--resume-adapter-file" not in err
 
 
 def test_new_run_into_empty_folder(tmp_path, model_dir, data_dir):

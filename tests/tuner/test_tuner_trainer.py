@@ -188,7 +188,7 @@ def test_adapter_file_folder_rejected(tmp_path):
     args = quick_args(tmp_path, iters=2)
     args.adapter_file = str(tmp_path)
 
-    with pytest.raises(ValueError, match="is a folder; name the weights file, such as .*adapters.safetensors"):
+    with pytest.raises(ValueError, match="names a folder; name the weights file, such as .*adapters.safetensors"):
         train(prepare_for_training(tiny_model(), "lora"), pattern_examples(4), None, args)
     assert list(tmp_path.iterdir()) == []
 
@@ -626,3 +626,44 @@ def test_library_run_records_base_model(tmp_path):
     assert metadata["base_model_fingerprint"] == config["base_model_fingerprint"]
     with pytest.raises(AdapterError, match="load the base model the state was tuned on"):
         load_adapters(tiny_model(seed=1), tmp_path)
+
+
+def test_adapter_file_in_file_or_ending_in_slash_rejected(tmp_path):
+    (tmp_path / "afile").write_text("mine")
+    model = prepare_for_training(tiny_model(), "lora")
+
+    for adapter_file, message in [
+        (str(tmp_path / "afile" / "a.safetensors"), "afile is a file, not a folder"),
+        (str(tmp_path / "new") + "/", "names a folder; name the weights file"),
+    ]:
+        args = quick_args(tmp_path, iters=2)
+        args.adapter_file = adapter_file
+        with pytest.raises(ValueError, match=message):
+            train(model, pattern_examples(4), None, args)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["afile"]
+
+
+def test_resume_on_other_base_model(tmp_path, caplog):
+    for kind in ("lora", "state"):
+        folder = tmp_path / kind
+        train(prepare_for_training(tiny_model(seed=0), kind), pattern_examples(4), None, quick_args(folder, iters=2))
+        other = prepare_for_training(tiny_model(seed=1), kind)
+        if kind == "state":
+            with pytest.raises(AdapterError, match="resume the tuned state on the base model it was tuned on"):
+                resume_from(folder / "adapters.safetensors", other)
+        else:
+            with caplog.at_level(logging.WARNING):
+                resume_from(folder / "adapters.safetensors", other)
+            assert "trained on a base model with fingerprint" in caplog.text
+
+
+def test_evaluate_without_counted_tokens_rejected():
+    with pytest.raises(ValueError, match="no token of the evaluation data counts in the loss"):
+        evaluate(tiny_model(), [[5], [6]], batch_size=2)
+    with pytest.raises(ValueError, match="num_batches must be at least 1, or -1 for all, got 0"):
+        evaluate(tiny_model(), pattern_examples(2), batch_size=2, num_batches=0)
+
+
+def test_one_token_example_named(tmp_path):
+    with pytest.raises(ValueError, match="an example needs at least two tokens"):
+        train(prepare_for_training(tiny_model(), "lora"), [[5]] * 4, None, quick_args(tmp_path, iters=2))
