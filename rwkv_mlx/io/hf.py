@@ -174,7 +174,9 @@ def _load_file(file: Path) -> Dict[str, mx.array]:
     try:
         return dict(mx.load(str(file)))
     except (RuntimeError, ValueError) as error:
-        raise CheckpointError(f"{file}: cannot read safetensors ({error})") from error
+        raise CheckpointError(
+            f"{file}: cannot read safetensors ({error}); it may be truncated, so download or convert the model again"
+        ) from error
 
 
 def _read_safetensors(path: Path) -> Dict[str, mx.array]:

@@ -411,7 +411,10 @@ def _safetensors_names(file: Path) -> List[str]:
                 raise ValueError(f"the header size {header_size} exceeds the file size {file.stat().st_size}")
             header = json.loads(f.read(header_size))
     except (OSError, ValueError, struct.error) as error:
-        raise CheckpointError(f"{file}: cannot read the safetensors header ({error})") from error
+        raise CheckpointError(
+            f"{file}: cannot read the safetensors header ({error}); it may be truncated, so download or convert "
+            "the model again"
+        ) from error
     if not isinstance(header, dict):
         raise CheckpointError(f"{file}: the safetensors header is not a JSON object")
     return [name for name in header if name != "__metadata__"]

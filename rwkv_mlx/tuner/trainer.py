@@ -752,7 +752,8 @@ class _TrainingRun:
         )
         seconds = time.perf_counter() - tic
         self.model.train()
-        self.history.valid.append((iteration, loss))
+        # A resumed run measures the loss at its first iteration again, and the new figure replaces the old.
+        self.history.valid = [entry for entry in self.history.valid if entry[0] != iteration] + [(iteration, loss)]
         self.progress.write(f"Iter {iteration}: validation loss {loss:.3f}, validation time {seconds:.1f} s")
         if self.training_callback is not None:
             self.training_callback.on_val_loss_report({"iteration": iteration, "val_loss": loss, "val_time": seconds})
@@ -824,6 +825,27 @@ def _check_adapter_file(adapter_file: str, start_iteration: int) -> None:
         )
 
 
+def _warn_later_checkpoints(adapter_file: Path, start_iteration: int) -> None:
+    """Log the checkpoints beside ``adapter_file`` from ``start_iteration`` on,
+    left by the run being resumed from an earlier checkpoint."""
+    if start_iteration == 1 or not adapter_file.parent.is_dir():
+        return
+    suffix = f"_{adapter_file.name}"
+    later = sorted(
+        path.name
+        for path in adapter_file.parent.glob(f"*{suffix}")
+        if path.name[: -len(suffix)].isdigit() and int(path.name[: -len(suffix)]) >= start_iteration
+    )
+    if later:
+        logger.warning(
+            "%s: %s come from the run being resumed, after iteration %d; this run replaces them only where it "
+            "saves the same iteration",
+            adapter_file.parent,
+            ", ".join(later[:3]) + (f" and {len(later) - 3} more" if len(later) > 3 else ""),
+            start_iteration - 1,
+        )
+
+
 def _check_training_inputs(model: nn.Module, train_examples, valid_examples, args: TrainingArgs) -> None:
     """Raise ValueError for data, options or a model that cannot be trained,
     before anything is written."""
@@ -845,6 +867,7 @@ def _check_training_inputs(model: nn.Module, train_examples, valid_examples, arg
         )
     if args.adapter_file is not None:
         _check_adapter_file(args.adapter_file, args.start_iteration)
+        _warn_later_checkpoints(Path(args.adapter_file), args.start_iteration)
     if args.grad_accumulation_steps < 1:
         raise ValueError(f"grad_accumulation_steps must be at least 1, got {args.grad_accumulation_steps}")
     if args.start_iteration > args.iters:

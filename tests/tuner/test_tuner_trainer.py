@@ -667,3 +667,28 @@ def test_evaluate_without_counted_tokens_rejected():
 def test_one_token_example_named(tmp_path):
     with pytest.raises(ValueError, match="an example needs at least two tokens"):
         train(prepare_for_training(tiny_model(), "lora"), [[5]] * 4, None, quick_args(tmp_path, iters=2))
+
+
+def test_resumed_validation_loss_recorded_once(tmp_path):
+    data = pattern_examples(8)
+    model = prepare_for_training(tiny_model(), "lora")
+    train(model, data, data[:2], quick_args(tmp_path, iters=4, steps_per_save=2, steps_per_eval=2))
+
+    resumed = prepare_for_training(tiny_model(), "lora")
+    start = resume_from(tmp_path / "0000002_adapters.safetensors", resumed)
+    train(resumed, data, data[:2], quick_args(tmp_path, iters=4, steps_per_save=2, steps_per_eval=2, start_iteration=start))
+
+    history = json.loads((tmp_path / "loss_history.json").read_text())
+    assert [it for it, _ in history["valid"]] == [0, 2, 4]
+
+
+def test_resume_from_older_checkpoint_warns(tmp_path, caplog):
+    data = pattern_examples(8)
+    train(prepare_for_training(tiny_model(), "lora"), data, None, quick_args(tmp_path, iters=6, steps_per_save=2))
+
+    resumed = prepare_for_training(tiny_model(), "lora")
+    start = resume_from(tmp_path / "0000002_adapters.safetensors", resumed)
+    with caplog.at_level(logging.WARNING):
+        train(resumed, data, None, quick_args(tmp_path, iters=4, steps_per_save=2, start_iteration=start))
+
+    assert "0000004_adapters.safetensors, 0000006_adapters.safetensors come from the run being resumed" in caplog.text
