@@ -116,6 +116,10 @@ def read_weights(path: Path) -> Tuple[Dict[str, mx.array], Dict[str, Any]]:
     from .io import hf, hf_older, layout7, layout_older
 
     fmt = detect_format(path)
+    if fmt == "directory" and (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        raise CheckpointError(
+            f"{path}: an adapter folder, not a model; pass it with --adapter-path, together with the base model"
+        )
     if fmt == "directory":
         # Hugging Face RWKV-4/5/6 layouts and official tensor names (see rwkv_mlx.io.hf_older).
         if hf_older.is_hf_older_directory(path):
@@ -172,7 +176,8 @@ def check_not_state_or_adapter(metadata: Dict[str, str], path: Path) -> None:
         )
     if "fine_tune_type" in metadata:
         raise CheckpointError(
-            f"{path}: adapter weights, not a model; pass their folder with --adapter-path, together with the base model"
+            f"{path}: a file of a training run (adapter weights or optimizer state), not a model; pass the run's "
+            "folder with --adapter-path, together with the base model"
         )
 
 

@@ -227,7 +227,7 @@ def test_adapter_file_given_as_model_named(tmp_path):
     path = tmp_path / "adapters.safetensors"
     mx.save_safetensors(str(path), {"layers.0.attn.r_proj.lora_a": mx.zeros((4, 2))}, metadata={"fine_tune_type": "lora"})
 
-    with pytest.raises(CheckpointError, match="adapter weights, not a model; pass their folder with --adapter-path"):
+    with pytest.raises(CheckpointError, match="a file of a training run .*, not a model; pass the run's folder with --adapter-path"):
         load_model(str(path))
 
 

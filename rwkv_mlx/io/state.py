@@ -217,7 +217,7 @@ def read_state(path) -> Tuple[Dict[str, mx.array], Dict[str, str]]:
     if not path.exists():
         raise CheckpointError(f"{path}: state file not found")
     if not path.is_file():
-        raise CheckpointError(f"{path}: not a state file (it is a folder)")
+        raise CheckpointError(f"{path}: a folder, not a state file; name the file, such as {path / 'state.safetensors'}")
     try:
         arrays, metadata = mx.load(str(path), format="safetensors", return_metadata=True)
     except (RuntimeError, ValueError, OSError) as error:
@@ -227,6 +227,11 @@ def read_state(path) -> Tuple[Dict[str, mx.array], Dict[str, str]]:
         ) from error
 
     found = metadata.get("format")
+    if found != STATE_FORMAT and "fine_tune_type" in metadata:
+        raise CheckpointError(
+            f"{path}: a file of a training run, not a state file; the tuned state of state tuning is "
+            f"{path.parent / 'state.safetensors'}"
+        )
     if found != STATE_FORMAT:
         raise CheckpointError(
             f"{path}: not an rwkv_mlx state file (metadata 'format' is {found!r}, expected {STATE_FORMAT!r}). "

@@ -31,6 +31,7 @@ from ..models import rwkv7
 from .adapters import (
     ADAPTER_WEIGHTS_FILE,
     LOSS_HISTORY_FILE,
+    OPTIMIZER_FILE_ENDING,
     STATE_FILE,
     AdapterError,
     cast_to_parameters,
@@ -527,6 +528,11 @@ def resume_from(adapter_file, model: nn.Module, optimizer: Optional[optim.Optimi
             type than the model's, or its tensors do not match what the model trains.
     """
     adapter_file = Path(adapter_file)
+    if adapter_file.name.endswith(OPTIMIZER_FILE_ENDING):
+        raise AdapterError(
+            f"{adapter_file}: the optimizer state of a checkpoint; name the adapter weights file beside it, "
+            f"such as {adapter_file.with_name(adapter_file.name.replace(OPTIMIZER_FILE_ENDING, ADAPTER_WEIGHTS_FILE))}"
+        )
     weights, metadata = read_adapter_weights(adapter_file)
     identity = saved_identity(metadata)
     check_model_identity(identity, model, str(adapter_file))

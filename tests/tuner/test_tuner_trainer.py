@@ -692,3 +692,20 @@ def test_resume_from_older_checkpoint_warns(tmp_path, caplog):
         train(resumed, data, None, quick_args(tmp_path, iters=4, steps_per_save=2, start_iteration=start))
 
     assert "0000004_adapters.safetensors, 0000006_adapters.safetensors come from the run being resumed" in caplog.text
+
+
+def test_wrong_training_files_named(tmp_path):
+    from rwkv_mlx.io.errors import CheckpointError
+    from rwkv_mlx.io.state import load_state
+    from rwkv_mlx.loading import load_model
+
+    train(prepare_for_training(tiny_model(), "lora"), pattern_examples(4), None, quick_args(tmp_path, iters=2))
+
+    with pytest.raises(AdapterError, match="the optimizer state of a checkpoint; name the adapter weights file beside it"):
+        resume_from(tmp_path / "optimizer.safetensors", prepare_for_training(tiny_model(), "lora"))
+    with pytest.raises(CheckpointError, match="a file of a training run, not a state file"):
+        load_state(tmp_path / "adapters.safetensors", tiny_model())
+    with pytest.raises(CheckpointError, match="a folder, not a state file; name the file, such as"):
+        load_state(tmp_path, tiny_model())
+    with pytest.raises(CheckpointError, match="an adapter folder, not a model; pass it with --adapter-path"):
+        load_model(str(tmp_path))
