@@ -449,7 +449,8 @@ def check_step_options(options: Dict[str, Any], caller: str, step: Callable = No
     if unknown:
         raise TypeError(
             f"{caller}() got unexpected keyword arguments {', '.join(unknown)}; it passes on those of "
-            f"{step.__name__}: {', '.join(sorted(accepted))}"
+            f"{step.__name__}: {', '.join(sorted(accepted))}. Sampling options go into sampler=make_sampler(...) "
+            "and logits_processors=make_logits_processors(...)"
         )
 
 

@@ -118,7 +118,8 @@ def read_weights(path: Path) -> Tuple[Dict[str, mx.array], Dict[str, Any]]:
     fmt = detect_format(path)
     if fmt == "directory" and (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
         raise CheckpointError(
-            f"{path}: an adapter folder, not a model; pass it with --adapter-path, together with the base model"
+            f"{path}: an adapter folder, not a model; load it onto its base model (generate and fuse take it as "
+            "--adapter-path, and lora resumes from its adapters.safetensors with --resume-adapter-file)"
         )
     if fmt == "directory":
         # Hugging Face RWKV-4/5/6 layouts and official tensor names (see rwkv_mlx.io.hf_older).

@@ -274,8 +274,16 @@ def check_adapter_folder(adapter_path: str, resume_adapter_file: Optional[str]) 
     another run in ``adapter_path``. Continuing the run whose checkpoint
     ``resume_adapter_file`` lies in that folder is allowed."""
     folder = Path(adapter_path)
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"--adapter-path {adapter_path} is a file; name a folder for the adapters")
+    if resume_adapter_file and Path(resume_adapter_file).is_dir():
+        raise ValueError(
+            f"--resume-adapter-file {resume_adapter_file} is a folder; name the adapter weights file in it, such as "
+            f"{Path(resume_adapter_file) / ADAPTER_WEIGHTS_FILE}"
+        )
+    for path in (folder, *folder.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise ValueError(f"--adapter-path {adapter_path}: {path} is a file; name a folder for the adapters")
+            break
     saved = run_files(folder)
     if not saved:
         return

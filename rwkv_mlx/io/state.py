@@ -227,10 +227,14 @@ def read_state(path) -> Tuple[Dict[str, mx.array], Dict[str, str]]:
         ) from error
 
     found = metadata.get("format")
+    if found != STATE_FORMAT and metadata.get("fine_tune_type") == "state":
+        raise CheckpointError(
+            f"{path}: a file of a state-tuning run, not a state file; its tuned state is {path.parent / 'state.safetensors'}"
+        )
     if found != STATE_FORMAT and "fine_tune_type" in metadata:
         raise CheckpointError(
-            f"{path}: a file of a training run, not a state file; the tuned state of state tuning is "
-            f"{path.parent / 'state.safetensors'}"
+            f"{path}: a file of a {metadata['fine_tune_type']} training run, not a state file; load the adapters "
+            f"with --adapter-path {path.parent}"
         )
     if found != STATE_FORMAT:
         raise CheckpointError(

@@ -406,8 +406,28 @@ def test_adapter_path_that_is_a_file_rejected(tmp_path, model_dir, data_dir, cap
     status = lora_cli.main(train_argv(model_dir, data_dir, target))
 
     assert status == 1
-    assert "is a file; name a folder for the adapters" in capsys.readouterr().err
+    assert "adapters.safetensors is a file; name a folder for the adapters" in capsys.readouterr().err
     assert target.read_text() == "mine"
+
+
+def test_adapter_path_below_a_file_rejected(tmp_path, model_dir, data_dir, capsys):
+    (tmp_path / "xfile").write_text("mine")
+
+    status = lora_cli.main(train_argv(model_dir, data_dir, tmp_path / "xfile" / "sub"))
+
+    assert status == 1
+    assert "xfile is a file; name a folder for the adapters" in capsys.readouterr().err
+
+
+def test_resume_adapter_file_folder_rejected(tmp_path, model_dir, data_dir, capsys):
+    adapters = tmp_path / "adapters"
+    assert lora_cli.main(train_argv(model_dir, data_dir, adapters)) == 0
+    capsys.readouterr()
+
+    status = lora_cli.main(train_argv(model_dir, data_dir, adapters, "--resume-adapter-file", str(adapters), "--iters", "9"))
+
+    assert status == 1
+    assert "--resume-adapter-file" in capsys.readouterr().err.split("is a folder")[0]
 
 
 def test_folder_with_other_run_files_rejected(tmp_path, model_dir, data_dir, capsys):

@@ -703,9 +703,19 @@ def test_wrong_training_files_named(tmp_path):
 
     with pytest.raises(AdapterError, match="the optimizer state of a checkpoint; name the adapter weights file beside it"):
         resume_from(tmp_path / "optimizer.safetensors", prepare_for_training(tiny_model(), "lora"))
-    with pytest.raises(CheckpointError, match="a file of a training run, not a state file"):
+    with pytest.raises(CheckpointError, match="a file of a lora training run, not a state file; load the adapters with --adapter-path"):
         load_state(tmp_path / "adapters.safetensors", tiny_model())
     with pytest.raises(CheckpointError, match="a folder, not a state file; name the file, such as"):
         load_state(tmp_path, tiny_model())
-    with pytest.raises(CheckpointError, match="an adapter folder, not a model; pass it with --adapter-path"):
+    with pytest.raises(CheckpointError, match="an adapter folder, not a model; load it onto its base model"):
         load_model(str(tmp_path))
+
+
+def test_state_run_weights_as_state_named(tmp_path):
+    from rwkv_mlx.io.errors import CheckpointError
+    from rwkv_mlx.io.state import load_state
+
+    train(prepare_for_training(tiny_model(), "state"), pattern_examples(4), None, quick_args(tmp_path, iters=2))
+
+    with pytest.raises(CheckpointError, match="a file of a state-tuning run, not a state file; its tuned state is .*state.safetensors"):
+        load_state(tmp_path / "adapters.safetensors", tiny_model())
