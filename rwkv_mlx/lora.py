@@ -39,6 +39,7 @@ from .tuner.adapters import (
     load_adapters,
     prepare_for_training,
     run_files,
+    short_list,
 )
 from .tuner.datasets import DatasetError, Features, load_datasets
 from .tuner.losses import DEFAULT_LOSS_CHUNK_SIZE
@@ -289,13 +290,12 @@ def check_adapter_folder(adapter_path: str, resume_adapter_file: Optional[str]) 
         return
     if resume_adapter_file and Path(resume_adapter_file).resolve().parent == folder.resolve():
         return
-    listed = ", ".join(saved[:3]) + (f" and {len(saved) - 3} more" if len(saved) > 3 else "")
     resume = ""
     if ADAPTER_WEIGHTS_FILE in saved:
         resume = f", or continue that run with --resume-adapter-file {folder / ADAPTER_WEIGHTS_FILE}"
     raise ValueError(
-        f"--adapter-path {adapter_path} already contains a training run's files ({listed}), which this run would "
-        f"overwrite; choose a new --adapter-path{resume}"
+        f"--adapter-path {adapter_path} already contains a training run's files ({short_list(saved)}), which this "
+        f"run would overwrite; choose a new --adapter-path{resume}"
     )
 
 

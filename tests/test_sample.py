@@ -174,7 +174,7 @@ def test_ban_tokens_as_array():
     assert ban(mx.zeros((1, 0), dtype=mx.int32), mx.zeros((1, 8)))[0, 2].item() == -math.inf
 
 
-def test_ban_without_vocab_size_checked_against_logits():
+def test_ban_checked_against_logits():
     (ban,) = make_logits_processors(ban_tokens=(t for t in [3, 300]))
 
     with pytest.raises(ValueError, match=r"banned token id 300 is outside the vocabulary; ids must be \[0, 256\)"):
@@ -182,7 +182,7 @@ def test_ban_without_vocab_size_checked_against_logits():
     assert ban(mx.zeros((1, 0), dtype=mx.int32), mx.zeros((1, 400)))[0, 300].item() == -math.inf
 
 
-def test_logit_bias_without_vocab_size_checked_against_logits():
+def test_logit_bias_checked_against_logits():
     (bias,) = make_logits_processors(logit_bias={5: 1.0, 999: 5.0})
     tokens = mx.zeros((1, 0), dtype=mx.int32)
 

@@ -47,7 +47,7 @@ import copy
 import json
 import logging
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -109,6 +109,20 @@ def run_files(folder: Path, weights_name: str = ADAPTER_WEIGHTS_FILE) -> List[st
     names = (ADAPTER_CONFIG_FILE, STATE_FILE, LOSS_HISTORY_FILE)
     endings = (weights_name, OPTIMIZER_FILE_ENDING)
     return sorted(path.name for path in Path(folder).iterdir() if path.name in names or path.name.endswith(endings))
+
+
+def short_list(names: Sequence[str], shown: int = 3) -> str:
+    """Return the first ``shown`` names joined by commas, and how many more there are.
+
+    Args:
+        names (Sequence[str]): The names, in the order to show them.
+        shown (int): How many names to write out.
+
+    Returns:
+        str: For example ``"a, b, c and 2 more"``.
+    """
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 def _has_adapter_layers(model: nn.Module) -> bool:
@@ -674,5 +688,6 @@ __all__ = [
     "save_adapter_config",
     "save_adapter_weights",
     "save_tuned_state",
+    "short_list",
     "trainable_weights",
 ]

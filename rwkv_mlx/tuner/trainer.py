@@ -45,6 +45,7 @@ from .adapters import (
     save_safetensors,
     save_tuned_state,
     saved_identity,
+    short_list,
     shape_mismatch_hint,
     trainable_weights,
     write_atomically,
@@ -452,8 +453,6 @@ def evaluate(
     examples = [as_example(item, i) for i, item in enumerate(dataset)]
     if not examples:
         raise ValueError("the evaluation data has no records; pass at least one example")
-    if batch_size < 1:
-        raise ValueError(f"the batch size must be at least 1, got {batch_size}")
     if num_batches < 1 and num_batches != -1:
         raise ValueError(f"num_batches must be at least 1, or -1 for all, got {num_batches}")
     check_vocabulary(model, examples)
@@ -826,7 +825,7 @@ def _check_adapter_file(adapter_file: str, start_iteration: int) -> None:
     files = run_files(adapter_file.parent, adapter_file.name)
     if files:
         raise ValueError(
-            f"{adapter_file.parent} already contains a training run's files ({', '.join(files[:3])}), which this run "
+            f"{adapter_file.parent} already contains a training run's files ({short_list(files)}), which this run "
             "would overwrite; train into a new folder, or continue that run with resume_from and its start_iteration"
         )
 
@@ -847,7 +846,7 @@ def _warn_later_checkpoints(adapter_file: Path, start_iteration: int) -> None:
             "%s: %s come from the run being resumed, after iteration %d; this run replaces them only where it "
             "saves the same iteration",
             adapter_file.parent,
-            ", ".join(later[:3]) + (f" and {len(later) - 3} more" if len(later) > 3 else ""),
+            short_list(later),
             start_iteration - 1,
         )
 
@@ -954,8 +953,11 @@ def train(
         adapter_config = {**adapter_config, **identity}
     # The saved files name the kind of tuning and the base model, which
     # load_adapters and the state file check, also when the caller did not.
-    recorded = {key: (adapter_config or {}).get(key) for key in ("fine_tune_type", "base_model_fingerprint")}
-    metadata = {**{k: v for k, v in recorded.items() if v is not None}, **(metadata or {}), **identity}
+    recorded = {}
+    for key in ("fine_tune_type", "base_model_fingerprint"):
+        if adapter_config is not None and adapter_config.get(key) is not None:
+            recorded[key] = adapter_config[key]
+    metadata = {**recorded, **(metadata or {}), **identity}
     run = _TrainingRun(model, args, optimizer, valid_examples, training_callback, metadata, adapter_config)
     batches = iterate_batches(train_examples, args.batch_size, loop=True, seed=args.seed, skip=args.start_iteration - 1)
 

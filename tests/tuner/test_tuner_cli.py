@@ -371,7 +371,7 @@ def test_failed_run_leaves_adapter_folder(tmp_path, model_dir, data_dir, capsys)
 
 
 @pytest.mark.parametrize("fine_tune_type", ["lora", "state"])
-def test_new_run_rejects_folder_of_another_run(tmp_path, model_dir, data_dir, capsys, fine_tune_type):
+def test_new_run_into_used_folder_rejected(tmp_path, model_dir, data_dir, capsys, fine_tune_type):
     adapters = tmp_path / "adapters"
     assert lora_cli.main(train_argv(model_dir, data_dir, adapters)) == 0
     before = {path.name: path.read_bytes() for path in adapters.iterdir()}
@@ -386,7 +386,7 @@ def test_new_run_rejects_folder_of_another_run(tmp_path, model_dir, data_dir, ca
     assert {path.name: path.read_bytes() for path in adapters.iterdir()} == before
 
 
-def test_resume_from_another_folder_rejects_used_folder(tmp_path, model_dir, data_dir, capsys):
+def test_resume_into_used_folder_rejected(tmp_path, model_dir, data_dir, capsys):
     first, second = tmp_path / "first", tmp_path / "second"
     for folder in (first, second):
         assert lora_cli.main(train_argv(model_dir, data_dir, folder)) == 0

@@ -628,7 +628,7 @@ def test_library_run_records_base_model(tmp_path):
         load_adapters(tiny_model(seed=1), tmp_path)
 
 
-def test_adapter_file_in_file_or_ending_in_slash_rejected(tmp_path):
+def test_adapter_file_of_wrong_kind_rejected(tmp_path):
     (tmp_path / "afile").write_text("mine")
     model = prepare_for_training(tiny_model(), "lora")
 
